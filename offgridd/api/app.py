@@ -1,0 +1,58 @@
+"""The HTTP application: routes and the middlewares every request passes through."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from ..runtime import Runtime
+from . import health, openai
+from .errors import ApiError, error_middleware
+from .keys import RUNTIME
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        route = request.match_info.route.resource
+        label = route.canonical if route is not None else "unmatched"
+        request.app[RUNTIME].metrics.requests.labels(label, str(status)).inc()
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler) -> web.StreamResponse:
+    key = request.app[RUNTIME].settings.api_key
+    if key and request.path.startswith(("/v1/", "/api/")):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    return await handler(request)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/api/v1/status", health.status)
+    app.router.add_get("/v1/models", openai.list_models)
+    app.router.add_get("/v1/models/{name}", openai.get_model)
+    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/completions", openai.completions)
+    app.router.add_post("/v1/embeddings", openai.embeddings)
+
+
+def init_app(rt: Runtime) -> web.Application:
+    app = web.Application(client_max_size=rt.settings.max_body_bytes,
+                          middlewares=[count_requests, error_middleware, require_api_key])
+    app[RUNTIME] = rt
+    setup_routes(app)
+    return app

@@ -1,0 +1,120 @@
+"""`offgridd serve`: bring the appliance up, keep systemd informed, drain and stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import aiohttp
+from aiohttp import web
+
+from .api.app import init_app
+from .api.health import memory_snapshot, status_line
+from .inference import InferenceError, ModelPool
+from .metrics import Metrics
+from .notify import SystemdNotifier
+from .runtime import Runtime
+from .settings import Settings
+from .store import ModelStore, StoreError, register_builtin
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    store = ModelStore(settings.state / "models")
+    metrics = Metrics()
+    return Runtime(settings=settings, store=store, pool=ModelPool(store, settings, metrics), metrics=metrics)
+
+
+async def bring_up(rt: Runtime, base_url: str) -> None:
+    """Prepare the store, register the built-in model, load the default model, then check the API answers."""
+    loop = asyncio.get_running_loop()
+    settings = rt.settings
+    rt.phase, rt.reason = "starting", "preparing the model store"
+    await loop.run_in_executor(None, lambda: rt.store.open(collect_garbage=True))
+    rt.reason = "registering the built-in model"
+    try:
+        await loop.run_in_executor(None, register_builtin, rt.store)
+    except (StoreError, OSError) as e:
+        log.error("the built-in model could not be registered: %s", e)
+    rt.phase, rt.reason = "loading", f"loading {settings.model}"
+    try:
+        await rt.pool.worker_for(settings.model)
+    except (StoreError, InferenceError) as e:
+        rt.phase = "unavailable"
+        rt.reason = f"{e}; import a model with 'offgridd models import FILE' or set 'model' in the config"
+        log.error("serving without a model: %s", rt.reason)
+        return
+    rt.phase, rt.reason = "ready", ""
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/health") as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"self-check of {base_url}/health answered {resp.status}")
+    log.info("ready: serving %s at %s", settings.model, base_url)
+
+
+async def keep_status(rt: Runtime, notifier: SystemdNotifier) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        memory = await loop.run_in_executor(None, memory_snapshot, rt)
+        notifier.status(status_line(rt, memory))
+        await asyncio.sleep(STATUS_EVERY_S)
+
+
+async def drain(rt: Runtime, bound: float) -> None:
+    """Let in-flight requests finish, up to `bound` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound):
+            await rt.idle.wait()
+    if rt.active:
+        log.warning("ending %d requests still running after %.0fs of draining", rt.active, bound)
+
+
+async def serve(settings: Settings) -> None:
+    rt = build_runtime(settings)
+    notifier = SystemdNotifier()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = web.AppRunner(init_app(rt), handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    log.info("listening on %s:%s (state %s)", settings.host, port, settings.state)
+    background = []
+    if (interval := notifier.watchdog_interval()) is not None:
+        background.append(asyncio.create_task(notifier.watchdog_loop(interval), name="watchdog"))
+
+    async def start() -> None:
+        await bring_up(rt, f"http://{host}:{port}")
+        memory = await loop.run_in_executor(None, memory_snapshot, rt)
+        notifier.ready(status_line(rt, memory))
+        background.append(asyncio.create_task(keep_status(rt, notifier), name="status"))
+
+    starting = asyncio.create_task(start(), name="bring-up")
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception():
+        log.error("start-up failed: %s", starting.exception())
+        stop.set()
+    await stop.wait()
+
+    log.info("stopping: draining in-flight requests (at most %.0fs)", settings.drain_seconds)
+    rt.phase, rt.reason = "stopping", "shutting down"
+    notifier.stopping("stopping: draining requests")
+    starting.cancel()
+    await drain(rt, settings.drain_seconds)
+    for task in background:
+        task.cancel()
+    await runner.cleanup()
+    await rt.pool.stop()
+    log.info("stopped")
+    if starting.done() and not starting.cancelled() and starting.exception():
+        raise SystemExit(1)

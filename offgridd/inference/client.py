@@ -1,0 +1,245 @@
+"""The daemon's side of an inference worker: spawn it, stream frames to requests, restart it when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import FrameError, encode, read_frame
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_S = 60.0  # a worker that lived this long resets the backoff
+
+
+class InferenceError(Exception):
+    """A request could not be served; status is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class WorkerCrashed(InferenceError):
+    def __init__(self, message: str):
+        super().__init__(503, message, retry_after=2)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    name: str
+    path: Path
+    threads: int
+    ctx: int
+    batch: int
+    start_timeout: float
+
+
+_CLOSED = object()
+
+
+class InferenceWorker:
+    """One child process serving one model. Requests are multiplexed by id; the worker queues them."""
+
+    def __init__(self, config: WorkerConfig, on_restart: Callable[[str], None] | None = None):
+        self.config = config
+        self.on_restart = on_restart
+        self.state = "stopped"  # loading | ready | restarting | failed | stopped
+        self.reason = ""
+        self.n_ctx = 0
+        self.pid: int | None = None
+        self.restarts = 0
+        self.in_flight = 0
+        self.waiting = 0  # sent to the worker, not yet started there
+        self.last_used = time.monotonic()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ready = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._supervisor: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Spawn the worker and keep it alive; returns once the first load succeeded or failed."""
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"worker:{self.config.name}")
+        await self.wait_ready(self.config.start_timeout)
+
+    async def wait_ready(self, limit_s: float) -> None:
+        if not self._ready.is_set() and not self._failed.is_set():
+            waits = [asyncio.create_task(e.wait()) for e in (self._ready, self._failed)]
+            try:
+                await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        if self._failed.is_set():
+            raise InferenceError(503, f"model {self.config.name!r} failed to load: {self.reason}", retry_after=30)
+        if not self._ready.is_set():
+            raise InferenceError(503, f"model {self.config.name!r} is {self.state}: {self.reason or 'not ready'}",
+                                 retry_after=5)
+
+    async def _supervise(self) -> None:
+        backoff = BACKOFF_FIRST_S
+        while not self._stopping:
+            born = time.monotonic()
+            outcome = await self._run_once()
+            if self._stopping:
+                break
+            if outcome == "load-failed":
+                self.state = "failed"
+                self._failed.set()
+                log.error("model %s failed to load: %s", self.config.name, self.reason)
+                return
+            self.restarts += 1
+            if self.on_restart:
+                self.on_restart(self.config.name)
+            if time.monotonic() - born > STABLE_S:
+                backoff = BACKOFF_FIRST_S
+            self.state = "restarting"
+            log.warning("inference worker for %s died (%s); restarting in %.1fs", self.config.name, self.reason,
+                        backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _run_once(self) -> str:
+        """Run one worker process to its end; returns 'exited' or 'load-failed'."""
+        self.state = "loading"
+        ours, theirs = socket.socketpair()
+        cfg = self.config
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "offgridd.inference.worker", "--fd", str(theirs.fileno()),
+                "--model-path", str(cfg.path), "--model-name", cfg.name, "--threads", str(cfg.threads),
+                "--ctx", str(cfg.ctx), "--batch", str(cfg.batch),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_worker_env(),
+            )
+        finally:
+            theirs.close()
+        self.pid = self._proc.pid
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        loaded = False
+        try:
+            while True:
+                frame = await read_frame(reader)
+                if frame["op"] == "ready":
+                    loaded = True
+                    self.n_ctx = frame["n_ctx"]
+                    self.state, self.reason = "ready", ""
+                    self._ready.set()
+                    log.info("model %s ready in worker pid %s (n_ctx %s)", cfg.name, self.pid, self.n_ctx)
+                elif not loaded and frame["op"] == "error":
+                    self.reason = frame.get("message", "unknown error")
+                elif (q := self._pending.get(frame.get("id"))) is not None:
+                    q.put_nowait(frame)
+        except (asyncio.IncompleteReadError, ConnectionError, FrameError) as e:
+            if isinstance(e, FrameError):
+                log.error("worker %s sent a bad frame: %s", self.pid, e)
+        finally:
+            self._ready.clear()
+            self._writer.close()
+            code = await self._reap()
+            if loaded or not self.reason:
+                self.reason = f"worker exited with {_describe(code)}"
+            for q in self._pending.values():
+                q.put_nowait(_CLOSED)
+        return "exited" if loaded else "load-failed"
+
+    async def _reap(self) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            async with asyncio.timeout(5):
+                return await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            return await proc.wait()
+
+    async def request(self, frame: dict) -> AsyncIterator[dict]:
+        """Send one request and yield its frames until it ends; cancels it in the worker if the caller stops early."""
+        self.last_used = time.monotonic()
+        self.in_flight += 1
+        try:
+            await self.wait_ready(self.config.start_timeout)
+            rid = next(self._ids)
+            q: asyncio.Queue = asyncio.Queue()
+            self._pending[rid] = q
+            finished = started = False
+            self.waiting += 1
+            try:
+                self._send({**frame, "id": rid})
+                while True:
+                    msg = await q.get()
+                    if msg is _CLOSED:
+                        raise WorkerCrashed(f"the inference worker stopped during the request ({self.reason}); "
+                                            "it is being restarted, try again")
+                    if msg["op"] == "start" or (not started and msg["op"] in ("done", "error", "embedding")):
+                        started = True
+                        self.waiting -= 1
+                    if msg["op"] == "error":
+                        finished = True
+                        raise InferenceError(msg.get("status", 500), msg.get("message", "inference failed"))
+                    finished = msg["op"] in ("done", "embedding")
+                    yield msg
+                    if finished:
+                        return
+            finally:
+                if not started:
+                    self.waiting -= 1
+                self._pending.pop(rid, None)
+                if not finished and self._writer is not None and self.state == "ready":
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        self._send({"op": "cancel", "id": rid})
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    def _send(self, frame: dict) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise WorkerCrashed("the inference worker is not running")
+        self._writer.write(encode(frame))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.state = "stopped"
+        if self._proc and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+        if self._supervisor:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+    def kill(self) -> None:
+        """Kill the process as a crash would (used by tests and by the watchdog of a stuck worker)."""
+        if self._proc and self._proc.returncode is None:
+            self._proc.kill()
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
+    return env
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        import signal
+
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"

@@ -1,0 +1,224 @@
+"""The inference worker: a child process that owns one llama.cpp model and runs requests one at a time.
+
+Started by the daemon as `python -m offgridd.inference.worker --fd N ...` with one end of a socketpair. A reader
+thread takes frames off the socket (so cancels arrive while a generation runs); the main thread generates and
+checks for a cancel between tokens. If the daemon goes away, the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import logging
+import os
+import queue
+import random
+import signal
+import socket
+import sys
+import threading
+
+from .prompts import ChatPrompt, render_template, render_transcript
+from .protocol import VERSION, BlockingChannel
+
+log = logging.getLogger("offgridd.worker")
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the daemon dies, so no orphan keeps a model in memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class StopScanner:
+    """Finds stop strings in streamed text, holding back only what could still become one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        buf = self.held + text
+        hits = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if s.startswith(buf[-k:]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class Worker:
+    def __init__(self, channel: BlockingChannel, args: argparse.Namespace):
+        from llama_cpp import Llama
+
+        self.channel = channel
+        self.args = args
+        self.llm = Llama(
+            model_path=args.model_path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
+            n_batch=args.batch, verbose=False,
+        )
+        self.embedder = None
+        self.n_ctx = self.llm.n_ctx()
+        meta = self.llm.metadata
+        self.template = meta.get("tokenizer.chat_template")
+        self.bos = self._token_text(self.llm.token_bos())
+        self.eos = self._token_text(self.llm.token_eos())
+        self.cancelled: set[int] = set()
+        self.inbox: queue.Queue[dict | None] = queue.Queue()
+        self.closed = False
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+    def read_loop(self) -> None:
+        try:
+            while (frame := self.channel.receive()) is not None:
+                if frame["op"] == "cancel":
+                    self.cancelled.add(frame["id"])
+                else:
+                    self.inbox.put(frame)
+        except Exception as e:  # a broken daemon end: the worker has no one to serve
+            log.error("worker channel failed: %s", e)
+        self.closed = True
+        self.inbox.put(None)
+
+    def serve(self) -> None:
+        self.channel.send({"op": "ready", "version": VERSION, "model": self.args.model_name, "n_ctx": self.n_ctx,
+                           "pid": os.getpid(), "chat_template": bool(self.template)})
+        threading.Thread(target=self.read_loop, name="frames", daemon=True).start()
+        while (frame := self.inbox.get()) is not None:
+            rid = frame.get("id", 0)
+            try:
+                if rid in self.cancelled:
+                    self.channel.send({"op": "done", "id": rid, "finish_reason": "cancelled", "prompt_tokens": 0,
+                                       "completion_tokens": 0})
+                elif frame["op"] == "generate":
+                    self.generate(rid, frame)
+                elif frame["op"] == "embed":
+                    self.embed(rid, frame["input"])
+                else:
+                    raise RequestError(400, f"unknown operation {frame['op']!r}")
+            except RequestError as e:
+                self.channel.send({"op": "error", "id": rid, "status": e.status, "message": str(e)})
+            except (ValueError, RuntimeError, KeyError, TypeError) as e:
+                log.exception("request %s failed", rid)
+                self.channel.send({"op": "error", "id": rid, "status": 500, "message": f"inference failed: {e}"})
+            finally:
+                self.cancelled.discard(rid)
+
+    def prompt_for(self, frame: dict) -> ChatPrompt:
+        if frame.get("messages") is not None:
+            if self.template:
+                return render_template(self.template, self.bos, self.eos, frame["messages"])
+            return render_transcript(frame["messages"])
+        return ChatPrompt(frame["prompt"], (), add_bos=True)
+
+    def generate(self, rid: int, frame: dict) -> None:
+        import llama_cpp
+
+        params = frame.get("params") or {}
+        prompt = self.prompt_for(frame)
+        tokens = self.llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise RequestError(400, f"the prompt is {len(tokens)} tokens; this model's context holds {self.n_ctx}")
+        room = self.n_ctx - len(tokens)
+        limit = min(params.get("max_tokens") or room, room)
+        stops = StopScanner(prompt.stops + tuple(params.get("stop") or ()))
+        self.llm.set_seed(params["seed"] if params.get("seed") is not None else random.getrandbits(31))
+        sampling = {k: params[k] for k in _SAMPLING if params.get(k) is not None}
+        if "temperature" in sampling:
+            sampling["temp"] = sampling.pop("temperature")
+        vocab = self.llm._model.vocab
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.channel.send({"op": "start", "id": rid, "prompt_tokens": len(tokens)})
+        produced, finish = 0, "length"
+        lead = frame.get("messages") is not None  # a chat reply starts at its first visible character
+        for token in self.llm.generate(tokens, reset=True, **sampling):
+            if self.closed or rid in self.cancelled:
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            produced += 1
+            piece, hit = stops.feed(text.decode(self.llm.detokenize([token])))
+            if lead:
+                piece = piece.lstrip()
+                lead = not piece
+            if piece:
+                self.channel.send({"op": "token", "id": rid, "text": piece, "n": produced})
+            if hit:
+                finish = "stop"
+                break
+            if produced >= limit:
+                break
+        if finish != "cancelled" and (tail := stops.flush() + text.decode(b"", final=True)):
+            self.channel.send({"op": "token", "id": rid, "text": tail, "n": produced})
+        self.channel.send({"op": "done", "id": rid, "finish_reason": finish, "prompt_tokens": len(tokens),
+                           "completion_tokens": produced})
+
+    def embed(self, rid: int, inputs: list[str]) -> None:
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+        if self.embedder is None:
+            self.embedder = Llama(
+                model_path=self.args.model_path, n_ctx=self.args.ctx, n_threads=self.args.threads,
+                n_batch=self.args.ctx, n_ubatch=self.args.ctx, embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN,
+                verbose=False,
+            )
+        counts = [len(self.embedder.tokenize(s.encode("utf-8"), add_bos=True)) for s in inputs]
+        if max(counts, default=0) > self.args.ctx:
+            raise RequestError(400, f"an input is {max(counts)} tokens; embeddings take at most {self.args.ctx}")
+        data = [self.embedder.embed(s, normalize=True) for s in inputs]
+        self.channel.send({"op": "embedding", "id": rid, "data": data, "prompt_tokens": sum(counts)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="offgridd-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--ctx", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=512)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s %(message)s")
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when the worker stops
+    channel = BlockingChannel(socket.socket(fileno=args.fd))
+    try:
+        worker = Worker(channel, args)
+    except (ValueError, RuntimeError, OSError) as e:
+        channel.send({"op": "error", "id": 0, "status": 500, "message": f"model failed to load: {e}"})
+        return 1
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

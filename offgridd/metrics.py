@@ -1,0 +1,28 @@
+"""Prometheus metrics, one registry per daemon (tests run several daemons in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("offgridd_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("offgridd_prompt_tokens", "Tokens read from prompts", ["model"], registry=r)
+        self.completion_tokens = Counter("offgridd_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("offgridd_time_to_first_token_seconds", "Request arrival to first token",
+                              ["model"], registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.speed = Histogram("offgridd_generation_tokens_per_second", "Decode speed of each request",
+                               ["model"], registry=r, buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400))
+        self.queue_depth = Gauge("offgridd_queue_depth", "Requests waiting for a worker", registry=r)
+        self.in_flight = Gauge("offgridd_requests_in_flight", "Inference requests being served", registry=r)
+        self.worker_restarts = Counter("offgridd_worker_restarts", "Inference worker restarts", ["model"],
+                                       registry=r)
+        self.model_loaded = Gauge("offgridd_model_loaded", "1 when the model's worker is ready", ["model"],
+                                  registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,46 @@
+"""What the running daemon knows about itself, shared by the HTTP handlers and the health reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .inference import ModelPool
+from .metrics import Metrics
+from .settings import Settings
+from .store import ModelStore
+
+
+@dataclass(kw_only=True, eq=False)
+class Runtime:
+    settings: Settings
+    store: ModelStore
+    pool: ModelPool
+    metrics: Metrics
+    started_at: float = field(default_factory=time.time)
+    phase: str = "starting"  # starting | loading | ready | stopping
+    reason: str = ""  # why the phase is not ready, in words a person can act on
+    served: int = 0  # inference requests completed
+    active: int = 0  # inference requests in progress; change it through begin_request/end_request
+    last_tokens_per_second: float = 0.0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no inference request is in progress
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def begin_request(self) -> None:
+        self.active += 1
+        self.idle.clear()
+
+    def end_request(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    def uptime(self) -> float:
+        return time.time() - self.started_at

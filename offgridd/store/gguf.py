@@ -1,0 +1,185 @@
+"""A bounded reader for GGUF headers: enough to refuse a bad file before llama.cpp ever sees it.
+
+Every count and length read from the file is checked against a bound before anything is allocated, so a hostile
+header costs a clear error, never memory. Tensor extents are checked against the file size, which catches truncation.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+MAX_TENSORS = 1 << 20
+MAX_KV = 1 << 16
+MAX_STRING = 16 << 20  # a chat template or a merges entry, never more
+MAX_ARRAY = 1 << 24  # a vocabulary is a few hundred thousand entries
+MAX_DIMS = 4
+
+# value types: id -> struct format (None for string/array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+# ggml tensor type id -> (elements per block, bytes per block), from ggml.h
+GGML_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
+}
+
+# llama_ftype -> the quantization name people use
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+# metadata keys copied into the manifest; "{arch}" is replaced by general.architecture
+_KEPT = ("context_length", "block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+         "attention.key_length", "attention.value_length")
+
+
+class GgufError(ValueError):
+    """The file is not a GGUF model llama.cpp could load; the message says why."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GgufInfo:
+    version: int
+    tensor_count: int
+    architecture: str
+    name: str | None
+    quantization: str
+    context_length: int
+    has_chat_template: bool
+    hyperparameters: dict[str, int]
+    data_bytes: int
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def take(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise GgufError(f"truncated header: wanted {n} bytes at offset {self.f.tell() - len(data)}")
+        return data
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > MAX_STRING or n > self.size:
+            raise GgufError(f"string length {n} is out of bounds")
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GgufError(f"string is not UTF-8 at offset {self.f.tell() - n}") from e
+
+    def value(self, vtype: int, keep: bool):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if count > MAX_ARRAY:
+                raise GgufError(f"array of {count} items is out of bounds")
+            if itype in _SCALARS and not keep:  # skip fixed-size arrays without decoding them
+                width = struct.calcsize(_SCALARS[itype])
+                self.skip(width * count)
+                return None
+            if itype == _STRING and not keep:
+                for _ in range(count):
+                    n = self.unpack("<Q")
+                    if n > MAX_STRING:
+                        raise GgufError(f"string length {n} is out of bounds")
+                    self.skip(n)
+                return None
+            items = [self.value(itype, keep) for _ in range(count)]
+            return items if keep else None
+        raise GgufError(f"unknown metadata value type {vtype}")
+
+    def skip(self, n: int) -> None:
+        if self.f.tell() + n > self.size:
+            raise GgufError("truncated header: metadata runs past the end of the file")
+        self.f.seek(n, 1)
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """Parse and bound-check a GGUF file's header, metadata and tensor table."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        r = _Reader(f, size)
+        if r.f.read(4) != MAGIC:
+            raise GgufError("not a GGUF file: bad magic (expected 'GGUF')")
+        version = r.unpack("<I")
+        if version not in SUPPORTED_VERSIONS:
+            raise GgufError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+        if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+            raise GgufError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
+        meta: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.unpack("<I")
+            meta[key] = r.value(vtype, keep=vtype != _ARRAY)
+        tensors_end = _check_tensors(r, n_tensors, int(meta.get("general.alignment", 32) or 32))
+    return _info(meta, version, n_tensors, tensors_end)
+
+
+def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> int:
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GgufError(f"general.alignment {alignment} is not a power of two")
+    end = 0
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise GgufError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [r.unpack("<Q") for _ in range(n_dims)]
+        ttype, offset = r.unpack("<I"), r.unpack("<Q")
+        elements = 1
+        for d in dims:
+            elements *= d
+        block = GGML_BLOCKS.get(ttype)
+        nbytes = (elements // block[0]) * block[1] if block else 0
+        end = max(end, offset + nbytes)
+    data_start = -(-r.f.tell() // alignment) * alignment
+    if data_start + end > r.size:
+        raise GgufError(f"truncated file: tensor data needs {data_start + end} bytes, file has {r.size}")
+    return end
+
+
+def _info(meta: dict[str, object], version: int, n_tensors: int, data_bytes: int) -> GgufInfo:
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GgufError("metadata lacks general.architecture")
+    ctx = meta.get(f"{arch}.context_length")
+    if not isinstance(ctx, int) or ctx <= 0:
+        raise GgufError(f"metadata lacks {arch}.context_length")
+    ftype = meta.get("general.file_type")
+    quant = FILE_TYPES.get(ftype, f"unknown-{ftype}") if isinstance(ftype, int) else "unknown"
+    hparams = {k: v for k in _KEPT if isinstance(v := meta.get(f"{arch}.{k}"), int)}
+    name = meta.get("general.name")
+    return GgufInfo(
+        version=version,
+        tensor_count=n_tensors,
+        architecture=arch,
+        name=name if isinstance(name, str) else None,
+        quantization=quant,
+        context_length=ctx,
+        has_chat_template=isinstance(meta.get("tokenizer.chat_template"), str),
+        hyperparameters=hparams,
+        data_bytes=data_bytes,
+    )

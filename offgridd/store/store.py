@@ -1,0 +1,256 @@
+"""The content-addressed model store: blobs named by digest, manifests by name, one verified way in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .gguf import GgufError, read_gguf_info
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+ORPHAN_AGE_S = 60  # a blob younger than this may belong to an import that is writing its manifest right now
+
+
+class StoreError(Exception):
+    """An import or lookup failed; the message is the reason a person can act on."""
+
+
+class UnknownModel(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelManifest:
+    name: str
+    sha256: str
+    size: int
+    architecture: str
+    quantization: str
+    context_length: int
+    has_chat_template: bool
+    hyperparameters: dict[str, int] = field(default_factory=dict)
+    source: str = ""
+    license: str | None = None
+    added: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelManifest:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.fullmatch(name))
+
+
+def name_from_filename(filename: str) -> str:
+    stem = filename.rsplit("/", 1)[-1].removesuffix(".gguf").lower()
+    name = re.sub(r"[^a-z0-9._:-]+", "-", stem).strip("-._:")[:128]
+    return name or "model"
+
+
+def file_chunks(path: Path, on_chunk: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Read a file in store-sized chunks."""
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            if on_chunk:
+                on_chunk(len(block))
+            yield block
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    for block in file_chunks(path):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """`$STATE/models`: blobs/sha256-<hex>, manifests/<name>.json, .staging/ for partial files.
+
+    All methods block (hashing, fsync); the daemon calls them from an executor.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.manifests = self.root / "manifests"
+        self.staging = self.root / ".staging"
+
+    def open(self, collect_garbage: bool = False) -> None:
+        """Create the layout; at daemon start also empty .staging and drop blobs no manifest names."""
+        for d in (self.blobs, self.manifests, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        if not collect_garbage:
+            return
+        for leftover in self.staging.iterdir():
+            log.info("removing partial file from an interrupted import: %s", leftover.name)
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
+        named = {m.sha256 for m in self.list()}
+        for blob in self.blobs.glob("sha256-*"):
+            if blob.name.removeprefix("sha256-") not in named and time.time() - blob.stat().st_mtime > ORPHAN_AGE_S:
+                log.info("removing blob that no manifest names: %s", blob.name)
+                blob.unlink(missing_ok=True)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / f"sha256-{sha256}"
+
+    def path_of(self, manifest: ModelManifest) -> Path:
+        return self.blob_path(manifest.sha256)
+
+    def list(self) -> list[ModelManifest]:
+        out = []
+        for p in sorted(self.manifests.glob("*.json")):
+            try:
+                out.append(ModelManifest.from_dict(json.loads(p.read_text())))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("skipping unreadable manifest %s: %s", p.name, e)
+        return out
+
+    def get(self, name: str) -> ModelManifest:
+        if not valid_name(name):
+            raise UnknownModel(f"model {name!r} does not exist")
+        try:
+            return ModelManifest.from_dict(json.loads((self.manifests / f"{name}.json").read_text()))
+        except FileNotFoundError:
+            raise UnknownModel(f"model {name!r} does not exist") from None
+
+    def find(self, name: str) -> ModelManifest | None:
+        try:
+            return self.get(name)
+        except UnknownModel:
+            return None
+
+    def import_file(self, path: Path, **kwargs) -> ModelManifest:
+        path = Path(path)
+        kwargs.setdefault("name", name_from_filename(path.name))
+        kwargs.setdefault("source", f"file:{path}")
+        kwargs.setdefault("expected_size", path.stat().st_size)
+        return self.import_chunks(file_chunks(path), **kwargs)
+
+    def import_chunks(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        name: str,
+        source: str,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+        license: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> ModelManifest:
+        """Stream bytes into .staging while hashing, verify, then commit blob and manifest atomically."""
+        if not valid_name(name):
+            raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ : - (at most 128)")
+        if expected_sha256 is not None:
+            expected_sha256 = expected_sha256.lower()
+            if not SHA256_RE.fullmatch(expected_sha256):
+                raise StoreError(f"invalid sha256 {expected_sha256!r}: expected 64 hex digits")
+        self.open()
+        if expected_size is not None:
+            free = shutil.disk_usage(self.staging).free
+            if expected_size > free:
+                raise StoreError(f"not enough space: the model needs {expected_size} bytes, {free} are free")
+        staged = self.staging / f"{uuid.uuid4().hex}.partial"
+        try:
+            digest, size = self._write_staged(staged, chunks, on_progress)
+            if expected_size is not None and size != expected_size:
+                raise StoreError(f"size mismatch: expected {expected_size} bytes, got {size}")
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise StoreError(f"sha256 mismatch: expected {expected_sha256}, got {digest}")
+            try:
+                info = read_gguf_info(staged)
+            except GgufError as e:
+                raise StoreError(f"not a usable GGUF model: {e}") from None
+            existing = self.find(name)
+            if existing and existing.sha256 != digest:
+                raise StoreError(f"name {name!r} is already used by another model (sha256 {existing.sha256[:12]}…)")
+            manifest = ModelManifest(
+                name=name, sha256=digest, size=size, architecture=info.architecture,
+                quantization=info.quantization, context_length=info.context_length,
+                has_chat_template=info.has_chat_template, hyperparameters=info.hyperparameters,
+                source=source, license=license, added=existing.added if existing else time.time(),
+            )
+            self._commit_blob(staged, digest)
+            self._write_manifest(manifest)
+            return manifest
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _write_staged(self, staged: Path, chunks: Iterable[bytes], on_progress) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        with open(staged, "xb") as out:
+            for block in chunks:
+                digest.update(block)
+                out.write(block)
+                size += len(block)
+                if on_progress:
+                    on_progress(size)
+            out.flush()
+            os.fsync(out.fileno())
+        return digest.hexdigest(), size
+
+    def _commit_blob(self, staged: Path, digest: str) -> None:
+        blob = self.blob_path(digest)
+        if blob.exists():
+            return  # same bytes already stored: the staged copy is dropped by the caller
+        os.chmod(staged, 0o444)
+        os.rename(staged, blob)
+        _fsync_dir(self.blobs)
+
+    def _write_manifest(self, manifest: ModelManifest) -> None:
+        tmp = self.staging / f"{uuid.uuid4().hex}.manifest"
+        try:
+            with open(tmp, "x") as f:
+                json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.manifests / f"{manifest.name}.json")
+            _fsync_dir(self.manifests)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def remove(self, name: str) -> ModelManifest:
+        """Drop a model's manifest, and its blob when no other manifest shares it."""
+        manifest = self.get(name)
+        (self.manifests / f"{name}.json").unlink()
+        _fsync_dir(self.manifests)
+        if not any(m.sha256 == manifest.sha256 for m in self.list()):
+            self.blob_path(manifest.sha256).unlink(missing_ok=True)
+        return manifest
+
+    def verify(self, name: str) -> tuple[bool, str]:
+        """Rehash a model's blob; returns (matches, actual digest or the reason it could not be read)."""
+        manifest = self.get(name)
+        try:
+            actual = sha256_file(self.path_of(manifest))
+        except OSError as e:
+            return False, f"unreadable: {e.strerror}"
+        return actual == manifest.sha256, actual
