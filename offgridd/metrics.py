@@ -21,8 +21,16 @@ class Metrics:
         self.in_flight = Gauge("offgridd_requests_in_flight", "Inference requests being served", registry=r)
         self.worker_restarts = Counter("offgridd_worker_restarts", "Inference worker restarts", ["model"],
                                        registry=r)
+        self.abandoned = Counter("offgridd_requests_abandoned", "Generations stopped because the client left",
+                                 ["model"], registry=r)
         self.model_loaded = Gauge("offgridd_model_loaded", "1 when the model's worker is ready", ["model"],
                                   registry=r)
+
+    def add_model(self, name: str) -> None:
+        """Export a model's counters as 0 from the start, so rates and tests need not wait for a first event."""
+        for counter in (self.prompt_tokens, self.completion_tokens, self.worker_restarts, self.abandoned):
+            counter.labels(name)
+        self.model_loaded.labels(name).set(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,9 +53,11 @@ _CLOSED = object()
 class InferenceWorker:
     """One child process serving one model. Requests are multiplexed by id; the worker queues them."""
 
-    def __init__(self, config: WorkerConfig, on_restart: Callable[[str], None] | None = None):
+    def __init__(self, config: WorkerConfig, on_restart: Callable[[str], None] | None = None,
+                 on_abandoned: Callable[[str, dict], None] | None = None):
         self.config = config
         self.on_restart = on_restart
+        self.on_abandoned = on_abandoned
         self.state = "stopped"  # loading | ready | restarting | failed | stopped
         self.reason = ""
         self.n_ctx = 0
@@ -145,6 +147,8 @@ class InferenceWorker:
                     self.reason = frame.get("message", "unknown error")
                 elif (q := self._pending.get(frame.get("id"))) is not None:
                     q.put_nowait(frame)
+                elif frame["op"] == "done" and self.on_abandoned:
+                    self.on_abandoned(cfg.name, frame)  # the end of a request whose client left
         except (asyncio.IncompleteReadError, ConnectionError, FrameError) as e:
             if isinstance(e, FrameError):
                 log.error("worker %s sent a bad frame: %s", self.pid, e)

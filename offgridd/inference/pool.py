@@ -40,8 +40,8 @@ class ModelPool:
             ctx=min(self.settings.ctx, manifest.context_length), batch=self.settings.batch,
             start_timeout=self.settings.worker_start_timeout,
         )
-        worker = self.workers[name] = InferenceWorker(config, on_restart=self._restarted)
-        self.metrics.model_loaded.labels(name).set(0)
+        worker = self.workers[name] = InferenceWorker(config, on_restart=self._restarted, on_abandoned=self._abandoned)
+        self.metrics.add_model(name)
         await self._evict_idle(keep=name)
         await worker.start()
         self.metrics.model_loaded.labels(name).set(1)
@@ -49,6 +49,11 @@ class ModelPool:
 
     def _restarted(self, name: str) -> None:
         self.metrics.worker_restarts.labels(name).inc()
+
+    def _abandoned(self, name: str, done: dict) -> None:
+        """Count what a request whose client disconnected cost before the worker stopped it."""
+        self.metrics.abandoned.labels(name).inc()
+        self.metrics.completion_tokens.labels(name).inc(done["completion_tokens"])
 
     async def _evict_idle(self, keep: str) -> None:
         idle = sorted((w for n, w in self.workers.items() if n != keep and w.in_flight == 0),

@@ -149,7 +149,13 @@ class Worker:
         room = self.n_ctx - len(tokens)
         limit = min(params.get("max_tokens") or room, room)
         stops = StopScanner(prompt.stops + tuple(params.get("stop") or ()))
-        self.llm.set_seed(params["seed"] if params.get("seed") is not None else random.getrandbits(31))
+        if params.get("seed") is not None:
+            # reusing a cached prefix evaluates the prompt in other batch shapes, which moves the logits a little:
+            # a seeded request evaluates from scratch so the same request samples the same text
+            self.llm.reset()
+            self.llm.set_seed(params["seed"])
+        else:
+            self.llm.set_seed(random.getrandbits(31))
         sampling = {k: params[k] for k in _SAMPLING if params.get(k) is not None}
         if "temperature" in sampling:
             sampling["temp"] = sampling.pop("temperature")

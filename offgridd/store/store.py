@@ -152,7 +152,8 @@ class ModelStore:
         path = Path(path)
         kwargs.setdefault("name", name_from_filename(path.name))
         kwargs.setdefault("source", f"file:{path}")
-        kwargs.setdefault("expected_size", path.stat().st_size)
+        if path.is_file():
+            kwargs.setdefault("expected_size", path.stat().st_size)
         return self.import_chunks(file_chunks(path), **kwargs)
 
     def import_chunks(

@@ -1,0 +1,140 @@
+"""Fixtures that run the real daemon as a subprocess on the real built-in model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from offgridd.store import ModelStore, register_builtin
+
+# asyncio's debug mode (PYTHONASYNCIODEBUG) logs every callback that holds the loop over 100 ms; the fixtures fail on them
+BLOCKED_LOOP = re.compile(r"Executing .* took (\d+\.\d+) seconds")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
+         timeout: float = 60) -> tuple[int, dict, bytes]:
+    """A plain HTTP call: (status, headers, body), HTTP errors included."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if isinstance(body, dict):
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    url: str
+    state: Path
+    log: Path
+
+    def health(self) -> tuple[int, dict]:
+        status, _, body = http("GET", f"{self.url}/health", timeout=10)
+        return status, json.loads(body)
+
+    def metric(self, name: str, **labels) -> float:
+        _, _, body = http("GET", f"{self.url}/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in body.decode().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == name or (labels and key.startswith(name + "{") and all(
+                    f'{k}="{v}"' in key for k, v in labels.items())):
+                return float(value)
+        raise KeyError(f"{name}{{{want}}} not in /metrics")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if self.health()[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon not ready after {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def blocked_loop_reports(self) -> list[str]:
+        return [m.group(0) for m in BLOCKED_LOOP.finditer(self.log.read_text())]
+
+
+def start_daemon(state: Path, log: Path, *args: str, env: dict | None = None, port: int | None = None) -> Daemon:
+    port = port or free_port()
+    full_env = {**os.environ, "PYTHONASYNCIODEBUG": "1", "OFFGRID_CONFIG": str(state / "none.toml"),
+                **(env or {})}
+    if "NOTIFY_SOCKET" not in (env or {}):
+        full_env.pop("NOTIFY_SOCKET", None)
+    (state / "none.toml").parent.mkdir(parents=True, exist_ok=True)
+    (state / "none.toml").write_text("")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offgridd", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(state),
+         "--threads", "2", "--ctx", "2048", *args],
+        stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=full_env,
+    )
+    return Daemon(proc=proc, url=f"http://127.0.0.1:{port}", state=state, log=log)
+
+
+@pytest.fixture(scope="session")
+def model_state(tmp_path_factory) -> Path:
+    """A state directory holding the built-in model, registered once per test session."""
+    state = tmp_path_factory.mktemp("state")
+    store = ModelStore(state / "models")
+    store.open()
+    register_builtin(store)
+    return state
+
+
+def _run_daemon(state: Path, log: Path, *args: str, **kwargs):
+    daemon = start_daemon(state, log, *args, **kwargs)
+    try:
+        daemon.wait_ready()
+        yield daemon
+    finally:
+        daemon.stop()
+    blocked = daemon.blocked_loop_reports()
+    assert not blocked, f"the daemon's event loop was blocked: {blocked}"
+
+
+@pytest.fixture(scope="session")
+def daemon(model_state, tmp_path_factory):
+    """One daemon shared by tests that do not hurt it."""
+    yield from _run_daemon(model_state, tmp_path_factory.mktemp("logs") / "daemon.log")
+
+
+@pytest.fixture
+def own_daemon(model_state, tmp_path):
+    """A daemon for one test that kills workers or stops the daemon."""
+    yield from _run_daemon(model_state, tmp_path / "daemon.log")
