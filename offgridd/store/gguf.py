@@ -156,7 +156,7 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> int:
         nbytes = (elements // block[0]) * block[1] if block else 0
         end = max(end, offset + nbytes)
     data_start = -(-r.f.tell() // alignment) * alignment
-    if data_start + end > r.size:
+    if end and data_start + end > r.size:
         raise GgufError(f"truncated file: tensor data needs {data_start + end} bytes, file has {r.size}")
     return end
 
@@ -165,6 +165,8 @@ def _info(meta: dict[str, object], version: int, n_tensors: int, data_bytes: int
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise GgufError("metadata lacks general.architecture")
+    if not n_tensors:
+        raise GgufError("the file holds no tensors")
     ctx = meta.get(f"{arch}.context_length")
     if not isinstance(ctx, int) or ctx <= 0:
         raise GgufError(f"metadata lacks {arch}.context_length")
