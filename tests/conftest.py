@@ -19,7 +19,7 @@ import pytest
 
 from offgridd.store import ModelStore, register_builtin
 
-# asyncio's debug mode (PYTHONASYNCIODEBUG) logs every callback that holds the loop over 100 ms; the fixtures fail on them
+# asyncio debug mode (PYTHONASYNCIODEBUG) logs each callback that holds the loop over 100 ms; fixtures fail on them
 BLOCKED_LOOP = re.compile(r"Executing .* took (\d+\.\d+) seconds")
 
 
