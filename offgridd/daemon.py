@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 
 from .api.app import init_app
 from .api.health import memory_snapshot, status_line
+from .db import Database
 from .inference import InferenceError, ModelPool
 from .metrics import Metrics
 from .notify import SystemdNotifier
-from .runtime import Runtime
+from .runtime import Runtime, Service
 from .settings import Settings
 from .store import ModelStore, StoreError, register_builtin
 
@@ -27,7 +29,34 @@ STATUS_EVERY_S = 5.0
 def build_runtime(settings: Settings) -> Runtime:
     store = ModelStore(settings.state / "models")
     metrics = Metrics()
-    return Runtime(settings=settings, store=store, pool=ModelPool(store, settings, metrics), metrics=metrics)
+    return Runtime(settings=settings, store=store, pool=ModelPool(store, settings, metrics), metrics=metrics,
+                   db=Database(settings.state / "offgridd.db"))
+
+
+def service_factories() -> list[Callable[[Runtime], Service | None]]:
+    """Subsystems that run beside the API; each factory returns None when its subsystem is disabled."""
+    return []
+
+
+async def start_services(rt: Runtime) -> None:
+    for factory in service_factories():
+        service = factory(rt)
+        if service is None:
+            continue
+        try:
+            await service.start()
+        except Exception:  # one subsystem failing must not take the API down
+            log.exception("service %s failed to start; serving without it", service.name)
+            continue
+        rt.services.append(service)
+
+
+async def stop_services(rt: Runtime) -> None:
+    for service in reversed(rt.services):
+        try:
+            await service.stop()
+        except Exception:
+            log.exception("service %s failed to stop cleanly", service.name)
 
 
 async def bring_up(rt: Runtime, base_url: str) -> None:
@@ -36,6 +65,7 @@ async def bring_up(rt: Runtime, base_url: str) -> None:
     settings = rt.settings
     rt.phase, rt.reason = "starting", "preparing the model store"
     await loop.run_in_executor(None, lambda: rt.store.open(collect_garbage=True))
+    await start_services(rt)
     rt.reason = "registering the built-in model"
     try:
         await loop.run_in_executor(None, register_builtin, rt.store)
@@ -78,6 +108,7 @@ async def serve(settings: Settings) -> None:
     notifier = SystemdNotifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    rt.bus.bind(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
@@ -114,7 +145,9 @@ async def serve(settings: Settings) -> None:
     for task in background:
         task.cancel()
     await runner.cleanup()
+    await stop_services(rt)
     await rt.pool.stop()
+    rt.db.close()
     log.info("stopped")
     if starting.done() and not starting.cancelled() and starting.exception():
         raise SystemExit(1)

@@ -5,11 +5,29 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from .db import Database
+from .events import EventBus
 from .inference import ModelPool
+from .jobs import JobBoard
 from .metrics import Metrics
 from .settings import Settings
 from .store import ModelStore
+
+
+class Service(Protocol):
+    """A subsystem that runs beside the API (USB watch, peers, hardware watch)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def describe(self) -> dict:
+        """What /health and the UI show about it."""
+        ...
 
 
 @dataclass(kw_only=True, eq=False)
@@ -18,6 +36,10 @@ class Runtime:
     store: ModelStore
     pool: ModelPool
     metrics: Metrics
+    db: Database
+    bus: EventBus = field(default_factory=EventBus)
+    jobs: JobBoard = None  # type: ignore[assignment]  # built from db and bus in __post_init__
+    services: list[Service] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     phase: str = "starting"  # starting | loading | ready | stopping
     reason: str = ""  # why the phase is not ready, in words a person can act on
@@ -28,6 +50,8 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.idle.set()
+        if self.jobs is None:
+            self.jobs = JobBoard(self.db, self.bus)
 
     def begin_request(self) -> None:
         self.active += 1

@@ -27,6 +27,33 @@ def default_state_dir() -> Path:
 
 
 @dataclass(slots=True, kw_only=True)
+class UsbSettings:
+    enabled: bool = True
+    roots: list[str] = dataclasses.field(default_factory=lambda: ["/run/offgridd/usb", "/media", "/run/media"])
+    allow_unverified: bool = False  # import a GGUF that comes with no checksum
+    load_after_import: bool = False
+    poll_seconds: float = 5.0  # rescan period where udev is not available
+
+
+@dataclass(slots=True, kw_only=True)
+class PeerSettings:
+    enabled: bool = True
+    group: str = "239.255.116.116"
+    port: int = 11612
+    static: list[str] = dataclasses.field(default_factory=list)  # "host:port" for networks without multicast
+    sync: str = "pull"  # "off" | "pull"
+    interval: float = 5.0
+    bandwidth_limit: int = 0  # bytes per second for model pulls, 0 for no cap
+
+
+@dataclass(slots=True, kw_only=True)
+class HardwareSettings:
+    root: Path = Path("/")  # where /proc, /sys and /etc are read from (tests pass fixture trees)
+    profile: str | None = None  # force a profile id instead of detecting one
+    profiles_dir: Path | None = None  # default: the hw-profiles/ shipped with offgridd
+
+
+@dataclass(slots=True, kw_only=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 11611
@@ -36,11 +63,15 @@ class Settings:
     ctx: int = 2048
     batch: int = 512
     max_loaded_models: int = 1
-    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    api_key: str | None = None  # when set, /v1/* and /api/* need "Authorization: Bearer <key>"
+    admin_key: str | None = None  # when set, state-changing /api/* calls need "Authorization: Bearer <admin key>"
     max_body_bytes: int = 4 << 20
     drain_seconds: float = 10.0
     worker_start_timeout: float = 300.0
     log_level: str = "info"
+    usb: UsbSettings = dataclasses.field(default_factory=UsbSettings)
+    peers: PeerSettings = dataclasses.field(default_factory=PeerSettings)
+    hardware: HardwareSettings = dataclasses.field(default_factory=HardwareSettings)
 
     def validate(self) -> None:
         checks = {
@@ -54,17 +85,38 @@ class Settings:
             "worker_start_timeout": self.worker_start_timeout > 0,
             "log_level": self.log_level.lower() in ("debug", "info", "warning", "error"),
         }
+        checks |= {
+            "peers.port": 0 <= self.peers.port <= 65535,
+            "peers.sync": self.peers.sync in ("off", "pull"),
+            "peers.interval": 0.1 <= self.peers.interval <= 3600,
+            "peers.bandwidth_limit": self.peers.bandwidth_limit >= 0,
+            "usb.poll_seconds": self.usb.poll_seconds > 0,
+        }
         for key, ok in checks.items():
             if not ok:
-                raise SettingsError(f"setting {key!r} is out of range: {getattr(self, key)!r}")
+                section, _, name = key.rpartition(".")
+                value = getattr(getattr(self, section) if section else self, name)
+                raise SettingsError(f"setting {key!r} is out of range: {value!r}")
 
     def public(self) -> dict:
-        """Settings as plain data, with the secret masked."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["state"] = str(self.state)
-        if self.api_key:
-            out["api_key"] = "***"
+        """Settings as plain JSON-able data, with the secrets masked."""
+        out = _plain(self)
+        for key in ("api_key", "admin_key"):
+            if out[key]:
+                out[key] = "***"
         return out
+
+
+def _plain(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = _plain(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = value
+    return out
 
 
 def _coerce(key: str, value: object, hint: object, origin: str) -> object:
@@ -99,8 +151,43 @@ def _coerce(key: str, value: object, hint: object, origin: str) -> object:
                     pass
         elif t in (str, Path) and isinstance(value, str):
             return t(value)
+        elif typing.get_origin(t) is list:
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if isinstance(items, list) and all(isinstance(v, str) for v in items):
+                return items
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise SettingsError(f"{origin}: setting {key!r} must be {names}, got {value!r}")
+
+
+def _layer(target: dict, data: dict, hints: dict, origin: str, prefix: str = "") -> None:
+    """Merge one TOML table into `target`, coercing each value; sections are nested tables."""
+    for key, value in data.items():
+        if key not in hints:
+            raise SettingsError(f"{origin}: unknown setting {prefix + key!r}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise SettingsError(f"{origin}: {prefix + key!r} must be a table ([{prefix + key}])")
+            _layer(target.setdefault(key, {}), value, typing.get_type_hints(hint), origin, f"{prefix}{key}.")
+        else:
+            target[key] = _coerce(prefix + key, value, hint, origin)
+
+
+def _from_env(env: dict[str, str], hints: dict, prefix: str = "") -> dict:
+    found: dict = {}
+    for key, hint in hints.items():
+        if dataclasses.is_dataclass(hint):
+            if section := _from_env(env, typing.get_type_hints(hint), f"{prefix}{key}_"):
+                found[key] = section
+        elif (name := f"{ENV_PREFIX}{prefix}{key}".upper()) in env:
+            found[key] = _coerce(f"{prefix}{key}".replace("_", ".", 1) if prefix else key, env[name], hint,
+                                 f"environment {name}")
+    return found
+
+
+def _build(cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})
 
 
 def load_settings(config: Path | None = None, env: dict[str, str] | None = None, flags: dict | None = None) -> Settings:
@@ -117,20 +204,21 @@ def load_settings(config: Path | None = None, env: dict[str, str] | None = None,
             raise SettingsError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise SettingsError(f"config file {path}: {e}") from None
-        for key, value in data.items():
-            if key not in hints:
-                raise SettingsError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _coerce(key, value, hints[key], f"config file {path}")
+        _layer(values, data, hints, f"config file {path}")
 
-    for key, hint in hints.items():
-        name = ENV_PREFIX + key.upper()
-        if name in env:
-            values[key] = _coerce(key, env[name], hint, f"environment {name}")
+    for key, value in _from_env(env, hints).items():
+        if isinstance(value, dict):
+            values.setdefault(key, {}).update(value)
+        else:
+            values[key] = value
 
     for key, value in (flags or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, hints[key], f"flag --{key}") if isinstance(value, str) else value
 
-    settings = Settings(**values)
+    try:
+        settings = _build(Settings, values)
+    except TypeError as e:
+        raise SettingsError(str(e)) from None
     settings.validate()
     return settings

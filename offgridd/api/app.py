@@ -7,7 +7,7 @@ import hmac
 from aiohttp import web
 
 from ..runtime import Runtime
-from . import health, openai
+from . import health, native, openai
 from .errors import ApiError, error_middleware
 from .keys import RUNTIME
 
@@ -30,10 +30,11 @@ async def count_requests(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def require_api_key(request: web.Request, handler) -> web.StreamResponse:
-    key = request.app[RUNTIME].settings.api_key
-    if key and request.path.startswith(("/v1/", "/api/")):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+    settings = request.app[RUNTIME].settings
+    if settings.api_key and request.path.startswith(("/v1/", "/api/")):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+        keys = [k.encode() for k in (settings.api_key, settings.admin_key) if k]
+        if not any(hmac.compare_digest(given, k) for k in keys):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
     return await handler(request)
@@ -42,7 +43,11 @@ async def require_api_key(request: web.Request, handler) -> web.StreamResponse:
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics)
-    app.router.add_get("/api/v1/status", health.status)
+    app.router.add_get("/api/v1/status", native.status)
+    app.router.add_get("/api/v1/models", native.list_models)
+    app.router.add_delete("/api/v1/models/{name}", native.delete_model)
+    app.router.add_get("/api/v1/jobs", native.list_jobs)
+    app.router.add_get("/api/v1/events", native.events)
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/v1/models/{name}", openai.get_model)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)

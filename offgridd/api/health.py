@@ -36,6 +36,7 @@ def health_report(rt: Runtime, memory: dict) -> dict:
         "requests": {"served": rt.served, "active": rt.active, "waiting": rt.pool.waiting},
         "tokens_per_second": round(rt.last_tokens_per_second, 1),
         "loaded": {n: w.state for n, w in rt.pool.workers.items()},
+        "services": {s.name: s.describe() for s in rt.services},
     }
 
 
@@ -60,10 +61,3 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.metrics.queue_depth.set(rt.pool.waiting)
     return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def status(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    memory = await request.app.loop.run_in_executor(None, memory_snapshot, rt)
-    return web.json_response({**health_report(rt, memory), "line": status_line(rt, memory),
-                              "settings": rt.settings.public()})

@@ -1,0 +1,54 @@
+"""The daemon's sqlite database (sqlite-utils), written by one dedicated thread so the event loop never waits on it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import sqlite_utils
+
+T = TypeVar("T")
+
+SCHEMA = {
+    "jobs": ({"id": str, "kind": str, "source": str, "model": str, "state": str, "bytes_done": int,
+              "bytes_total": int, "started": float, "finished": float, "reason": str}, "id"),
+}
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite_utils.Database | None = None
+
+    def _open(self) -> sqlite_utils.Database:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite_utils.Database(sqlite3.connect(self.path, check_same_thread=False))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            for name, (columns, pk) in SCHEMA.items():
+                self._db[name].create(columns, pk=pk, if_not_exists=True)
+        return self._db
+
+    def submit(self, fn: Callable[[sqlite_utils.Database], T]):
+        """Queue a write and return at once (from the loop or any thread)."""
+        return self._thread.submit(lambda: fn(self._open()))
+
+    def run_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run on the database thread and wait (for callers already off the event loop)."""
+        return self._thread.submit(lambda: fn(self._open())).result()
+
+    async def run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run on the database thread without blocking the loop."""
+        return await asyncio.wrap_future(self._thread.submit(lambda: fn(self._open())))
+
+    def close(self) -> None:
+        def _close(_db):
+            if self._db is not None:
+                self._db.close()
+        self._thread.submit(lambda: _close(None)).result()
+        self._thread.shutdown()
