@@ -73,6 +73,7 @@ class Server:
     cmd: list[str]
     port: int
     log_path: Path
+    env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
 
     @property
@@ -85,7 +86,12 @@ class Server:
         print(f"[bench] starting {self.name}: {' '.join(self.cmd)}", file=sys.stderr)
         # Own process group: the daemon's worker child can be cleaned up with it.
         self.proc = subprocess.Popen(
-            self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            self.cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=self.env,
         )
         log.close()
 
@@ -197,9 +203,23 @@ def build_or_find_llama_server(version: str, jobs: int) -> Path:
     return path
 
 
-def offgridd_model(offgridd: str, state: Path, name: str) -> dict:
+def offgridd_env() -> dict[str, str]:
+    """Environment for offgridd with no outside settings leaking in (config file, OFFGRID_* vars).
+
+    Only the command-line flags the benchmark passes apply, plus offgridd's built-in defaults.
+    """
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    empty_config = BUILD_DIR / "offgridd-bench.toml"
+    empty_config.write_text("# intentionally empty: bench/bench.py passes everything as flags\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
+    env["OFFGRID_CONFIG"] = str(empty_config)
+    return env
+
+
+def offgridd_model(offgridd: str, state: Path, name: str, env: dict[str, str]) -> dict:
     out = subprocess.run(
         [offgridd, "models", "list", "--json", "--state", str(state)],
+        env=env,
         check=True,
         stdout=subprocess.PIPE,
         text=True,
@@ -436,13 +456,14 @@ def main() -> int:
     port = free_port()
     off_cmd = [args.offgridd, "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(args.state)]
     off_cmd += ["--threads", threads, "--ctx", ctx]
-    off = Server("offgridd", off_cmd, port, LOG_DIR / f"offgridd-{stamp}.log")
+    off_env = offgridd_env()
+    off = Server("offgridd", off_cmd, port, LOG_DIR / f"offgridd-{stamp}.log", env=off_env)
     servers: list[Server] = [off]
     try:
         off.start()
         t_off = off.wait_healthy(args.startup_timeout)
         print(f"[bench] offgridd healthy after {t_off:.1f}s", file=sys.stderr)
-        manifest = offgridd_model(args.offgridd, args.state, args.model)
+        manifest = offgridd_model(args.offgridd, args.state, args.model, off_env)
         model_path = manifest["path"]
 
         port = free_port()

@@ -9,6 +9,7 @@ import urllib.request
 
 from conftest import http, start_daemon
 from gguf_factory import write_gguf
+
 from offgridd.store import ModelStore
 
 
