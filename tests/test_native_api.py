@@ -46,7 +46,8 @@ def test_native_models_and_jobs(daemon):
 def test_deleting_a_model_needs_the_admin_key_when_one_is_set(model_state, tmp_path):
     state = tmp_path / "state"
     shutil.copytree(model_state / "models" / "manifests", state / "models" / "manifests")
-    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)  # no 250 MB copy
+    # hard links: no 250 MB copy
+    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)
     ModelStore(state / "models").import_file(write_gguf(tmp_path / "extra.gguf"), name="extra")
     daemon = start_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_ADMIN_KEY": "owner"})
     try:
