@@ -32,6 +32,13 @@ class InferenceError(Exception):
         self.retry_after = retry_after
 
 
+class Overloaded(InferenceError):
+    """The queue is full or the appliance is shedding load; a peer may take the request instead."""
+
+    def __init__(self, message: str, retry_after: float = 5):
+        super().__init__(503, message, retry_after=retry_after)
+
+
 class WorkerCrashed(InferenceError):
     def __init__(self, message: str):
         super().__init__(503, message, retry_after=2)
