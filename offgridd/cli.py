@@ -10,8 +10,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .peers.cli import add_peer_commands
 from .settings import Settings, SettingsError, load_settings
 from .store import ModelStore, StoreError, name_from_filename
+from .usb.cli import add_commands as add_usb_commands
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -25,13 +27,45 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return store
 
 
+def _board_settings(args: argparse.Namespace, root: Path | None = None):
+    from .hardware import settings_for_board
+
+    flags = {k: getattr(args, k, None) for k in ("host", "port", "state", "model", "threads", "ctx")}
+    return settings_for_board(config=args.config, flags=flags, root=root)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     from .logs import setup_logging
 
-    settings = _settings(args)
+    settings, detection = _board_settings(args)
     setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, detection))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .hardware import ProfileError
+
+    try:
+        settings, detection = _board_settings(args, root=Path(args.root) if args.root else None)
+    except ProfileError as e:
+        print(f"offgridd: {e}", file=sys.stderr)
+        return 2
+    effective = settings.public()
+    if args.json:
+        print(json.dumps({**detection.to_dict(), "settings": effective}, indent=2))
+        return 0
+    print(f"profile: {detection.profile.id} ({detection.profile.name})")
+    print(f"why:     {detection.reason}")
+    for line in detection.evidence:
+        print(f"  - {line}")
+    print("effective settings:")
+    for key in ("threads", "ctx", "batch", "gpu_layers", "max_model_bytes", "quantizations", "parallel",
+                "queue_depth", "keep_alive"):
+        print(f"  {key:16} {effective[key]}")
+    for key in ("throttle_c", "critical_c", "led_pin", "button_pin"):
+        print(f"  {key:16} {effective['hardware'][key]}")
     return 0
 
 
@@ -164,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = models.add_parser("verify", parents=[common], help="rehash models against their manifests")
     verify.add_argument("name", nargs="?")
     verify.set_defaults(func=cmd_models_verify)
+    add_usb_commands(sub, models, common)
+    add_peer_commands(sub, common)
+
+    profile = sub.add_parser("profile", parents=[common], help="which board profile applies here, and why")
+    profile.add_argument("--root", help="read /proc, /sys and /etc under this directory (default /)")
+    profile.add_argument("--json", action="store_true")
+    profile.set_defaults(func=cmd_profile)
 
     chat = sub.add_parser("chat", parents=[common], help="chat with the running daemon in the terminal")
     chat.add_argument("--url", help="daemon URL (default from settings)")

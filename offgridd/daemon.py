@@ -14,28 +14,35 @@ from aiohttp import web
 from .api.app import init_app
 from .api.health import memory_snapshot, status_line
 from .db import Database
+from .hardware.profiles import Detection
+from .hardware.service import HardwareService
 from .inference import InferenceError, ModelPool
+from .inference.admission import Admission
 from .metrics import Metrics
 from .notify import SystemdNotifier
+from .peers import peer_service_factory
 from .runtime import Runtime, Service
 from .settings import Settings
 from .store import ModelStore, StoreError, register_builtin
+from .usb.watcher import usb_watcher
 
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 5.0
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
     store = ModelStore(settings.state / "models")
     metrics = Metrics()
+    admission = Admission(settings.parallel, settings.queue_depth, settings.queue_timeout,
+                          on_reject=lambda reason: metrics.rejected.labels(reason).inc())
     return Runtime(settings=settings, store=store, pool=ModelPool(store, settings, metrics), metrics=metrics,
-                   db=Database(settings.state / "offgridd.db"))
+                   db=Database(settings.state / "offgridd.db"), admission=admission, detection=detection)
 
 
 def service_factories() -> list[Callable[[Runtime], Service | None]]:
     """Subsystems that run beside the API; each factory returns None when its subsystem is disabled."""
-    return []
+    return [lambda rt: HardwareService(rt, rt.detection) if rt.detection else None, usb_watcher, peer_service_factory]
 
 
 async def start_services(rt: Runtime) -> None:
@@ -103,10 +110,10 @@ async def drain(rt: Runtime, bound: float) -> None:
         log.warning("ending %d requests still running after %.0fs of draining", rt.active, bound)
 
 
-async def serve(settings: Settings) -> None:
-    rt = build_runtime(settings)
+async def serve(settings: Settings, detection: Detection | None = None) -> None:
+    rt = build_runtime(settings, detection)
     notifier = SystemdNotifier()
-    stop = asyncio.Event()
+    stop = rt.stop_requested
     loop = asyncio.get_running_loop()
     rt.bus.bind(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,6 +126,8 @@ async def serve(settings: Settings) -> None:
     port = runner.addresses[0][1] if runner.addresses else settings.port
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     log.info("listening on %s:%s (state %s)", settings.host, port, settings.state)
+    if detection is not None:
+        log.info("board profile %s: %s (%s)", detection.profile.id, detection.reason, "; ".join(detection.evidence))
     background = []
     if (interval := notifier.watchdog_interval()) is not None:
         background.append(asyncio.create_task(notifier.watchdog_loop(interval), name="watchdog"))

@@ -23,6 +23,20 @@ class Metrics:
                                        registry=r)
         self.abandoned = Counter("offgridd_requests_abandoned", "Generations stopped because the client left",
                                  ["model"], registry=r)
+        self.rejected = Counter("offgridd_admission_rejected", "Requests turned away by admission control",
+                                ["reason"], registry=r)
+        self.degraded = Gauge("offgridd_degraded", "1 while a degradation step is active", ["step"], registry=r)
+        self.memory_available = Gauge("offgridd_memory_available_bytes", "MemAvailable as last sampled",
+                                      registry=r)
+        self.temperature = Gauge("offgridd_temperature_celsius", "Hottest thermal zone as last sampled", registry=r)
+        self.admission_slots = Gauge("offgridd_admission_slots", "Requests the worker may run at once", registry=r)
+        self.threads = Gauge("offgridd_threads", "llama.cpp threads per worker", registry=r)
+        self.peers = Gauge("offgridd_peers", "Peers of the same fleet heard from recently", registry=r)
+        self.peer_datagrams_dropped = Counter("offgridd_peer_datagrams_dropped", "Peer datagrams dropped",
+                                              ["reason"], registry=r)
+        self.peer_pull_bytes = Counter("offgridd_peer_pull_bytes", "Model bytes pulled from peers", ["source"],
+                                       registry=r)
+        self.routed = Counter("offgridd_requests_routed", "Requests served by a peer", ["peer"], registry=r)
         self.model_loaded = Gauge("offgridd_model_loaded", "1 when the model's worker is ready", ["model"],
                                   registry=r)
 

@@ -10,6 +10,7 @@ from typing import Protocol
 from .db import Database
 from .events import EventBus
 from .inference import ModelPool
+from .inference.admission import Admission
 from .jobs import JobBoard
 from .metrics import Metrics
 from .settings import Settings
@@ -37,6 +38,8 @@ class Runtime:
     pool: ModelPool
     metrics: Metrics
     db: Database
+    admission: Admission
+    detection: object = None  # hardware.profiles.Detection: the board profile and why it was chosen
     bus: EventBus = field(default_factory=EventBus)
     jobs: JobBoard = None  # type: ignore[assignment]  # built from db and bus in __post_init__
     services: list[Service] = field(default_factory=list)
@@ -47,6 +50,7 @@ class Runtime:
     active: int = 0  # inference requests in progress; change it through begin_request/end_request
     last_tokens_per_second: float = 0.0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no inference request is in progress
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)  # SIGTERM, or a long button press
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -65,6 +69,14 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return self.phase == "ready"
+
+    def degraded(self) -> list[dict]:
+        """Everything that is not as configured, each with its reason: /health, STATUS and the UI list these."""
+        out = [{"step": "model-substituted", "model": name, "reason": note} for name, note in self.pool.notes.items()]
+        out += [{"step": "model-bad", "model": name, "reason": why} for name, why in self.pool.bad.items()]
+        for service in self.services:
+            out += service.describe().get("degraded", [])
+        return out
 
     def uptime(self) -> float:
         return time.time() - self.started_at

@@ -44,6 +44,7 @@ class PeerSettings:
     sync: str = "pull"  # "off" | "pull"
     interval: float = 5.0
     bandwidth_limit: int = 0  # bytes per second for model pulls, 0 for no cap
+    interface: str = ""  # IPv4 address of the interface to announce on; empty: the one the routing table picks
 
 
 @dataclass(slots=True, kw_only=True)
@@ -51,6 +52,16 @@ class HardwareSettings:
     root: Path = Path("/")  # where /proc, /sys and /etc are read from (tests pass fixture trees)
     profile: str | None = None  # force a profile id instead of detecting one
     profiles_dir: Path | None = None  # default: the hw-profiles/ shipped with offgridd
+    sample_seconds: float = 3.0
+    throttle_c: float = 80.0  # fewer threads and sequences from here
+    critical_c: float = 90.0  # no new work from here until it cools
+    cool_margin_c: float = 5.0  # hysteresis: a step is undone only this far below its threshold
+    low_memory: float = 0.10  # available/total below this: shed load
+    memory_ok: float = 0.20  # ... and back above this to recover
+    led_pin: int | None = None
+    button_pin: int | None = None
+    button_action: str = "shutdown"  # "shutdown" | "none"
+    button_hold_seconds: float = 3.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -63,6 +74,14 @@ class Settings:
     ctx: int = 2048
     batch: int = 512
     max_loaded_models: int = 1
+    gpu_layers: int = 0
+    max_model_bytes: int = 0  # the largest model this board should load; 0 for no bound
+    quantizations: list[str] = dataclasses.field(default_factory=lambda: ["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0"])
+    parallel: int = 1  # requests handed to the worker at once
+    queue_depth: int = 16  # requests that may wait beyond those; past it, 503 + Retry-After
+    queue_timeout: float = 120.0  # a request that waited this long gets 503
+    keep_alive: float = 0.0  # seconds an idle model stays loaded; 0 keeps it loaded
+    worker_memory_limit: int = 0  # address-space limit (bytes) for inference workers; 0 for none
     api_key: str | None = None  # when set, /v1/* and /api/* need "Authorization: Bearer <key>"
     admin_key: str | None = None  # when set, state-changing /api/* calls need "Authorization: Bearer <admin key>"
     max_body_bytes: int = 4 << 20
@@ -80,6 +99,13 @@ class Settings:
             "ctx": 128 <= self.ctx <= 1 << 20,
             "batch": 1 <= self.batch <= 1 << 16,
             "max_loaded_models": 1 <= self.max_loaded_models <= 64,
+            "gpu_layers": self.gpu_layers >= 0,
+            "max_model_bytes": self.max_model_bytes >= 0,
+            "parallel": 1 <= self.parallel <= 64,
+            "queue_depth": 0 <= self.queue_depth <= 4096,
+            "queue_timeout": self.queue_timeout > 0,
+            "keep_alive": self.keep_alive >= 0,
+            "worker_memory_limit": self.worker_memory_limit >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "drain_seconds": self.drain_seconds >= 0,
             "worker_start_timeout": self.worker_start_timeout > 0,
@@ -91,6 +117,10 @@ class Settings:
             "peers.interval": 0.1 <= self.peers.interval <= 3600,
             "peers.bandwidth_limit": self.peers.bandwidth_limit >= 0,
             "usb.poll_seconds": self.usb.poll_seconds > 0,
+            "hardware.sample_seconds": self.hardware.sample_seconds > 0,
+            "hardware.critical_c": self.hardware.critical_c > self.hardware.throttle_c,
+            "hardware.memory_ok": 0 < self.hardware.low_memory < self.hardware.memory_ok < 1,
+            "hardware.button_action": self.hardware.button_action in ("shutdown", "none"),
         }
         for key, ok in checks.items():
             if not ok:
@@ -190,11 +220,17 @@ def _build(cls, values: dict):
     return cls(**{k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})
 
 
-def load_settings(config: Path | None = None, env: dict[str, str] | None = None, flags: dict | None = None) -> Settings:
-    """Build the settings from every layer; a bad value is an error that names its key and layer."""
+def load_settings(config: Path | None = None, env: dict[str, str] | None = None, flags: dict | None = None,
+                  base: dict | None = None) -> Settings:
+    """Build the settings from every layer; a bad value is an error that names its key and layer.
+
+    `base` is the board profile's layer: above the defaults, below everything a person configured.
+    """
     env = os.environ if env is None else env
     hints = typing.get_type_hints(Settings)
     values: dict[str, object] = {}
+    if base:
+        _layer(values, base, hints, "board profile")
 
     path = config or (Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else DEFAULT_CONFIG)
     if config is not None or path != DEFAULT_CONFIG or path.exists():

@@ -33,10 +33,14 @@ def health_report(rt: Runtime, memory: dict) -> dict:
     return {
         "status": rt.phase, "reason": rt.reason or None, "version": __version__, "uptime_s": round(rt.uptime(), 1),
         "model": model, "memory": memory,
-        "requests": {"served": rt.served, "active": rt.active, "waiting": rt.pool.waiting},
+        "requests": {"served": rt.served, "active": rt.active, "waiting": rt.pool.waiting + rt.admission.waiting},
         "tokens_per_second": round(rt.last_tokens_per_second, 1),
         "loaded": {n: w.state for n, w in rt.pool.workers.items()},
         "services": {s.name: s.describe() for s in rt.services},
+        "degraded": rt.degraded(),
+        "queue": {"running": rt.admission.active, "waiting": rt.admission.waiting, "slots": rt.admission.slots,
+                  "depth": rt.admission.depth, "paused": rt.admission.paused},
+        "profile": rt.detection.to_dict() if rt.detection else None,
     }
 
 
@@ -45,9 +49,16 @@ def status_line(rt: Runtime, memory: dict) -> str:
     if rt.phase != "ready":
         return f"{rt.phase}: {rt.reason}" if rt.reason else rt.phase
     parts = [f"serving {rt.settings.model}", f"{rt.served} requests"]
+    if peers := sum(getattr(s, "peer_count", 0) for s in rt.services):
+        parts.append(f"{peers} peer{'s' if peers != 1 else ''}")
     if rt.last_tokens_per_second:
         parts.append(f"{rt.last_tokens_per_second:.0f} tok/s")
     parts.append(f"{memory['used_percent']:.0f}% RAM")
+    hardware = next((s for s in rt.services if s.name == "hardware"), None)
+    if hardware and hardware.sample and hardware.sample.temperature_c is not None:
+        parts.append(f"{hardware.sample.temperature_c:.0f}°C")
+    if degraded := rt.degraded():
+        parts.append("degraded: " + ", ".join(sorted({d["step"] for d in degraded})))
     return " · ".join(parts)
 
 
@@ -59,5 +70,5 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    rt.metrics.queue_depth.set(rt.pool.waiting)
+    rt.metrics.queue_depth.set(rt.pool.waiting + rt.admission.waiting)
     return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..inference import InferenceError
+from ..peers.routing import routable
 from ..runtime import Runtime
 from .errors import ApiError, as_api_error, error_body
 from .keys import RUNTIME
@@ -56,26 +57,30 @@ def _model_card(m) -> dict:
             "size": m.size}
 
 
+@routable
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat(await read_json(request)), chat=True)
 
 
+@routable
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_completion(await read_json(request)), chat=False)
 
 
+@routable
 async def embeddings(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     model, inputs, as_base64 = parse_embeddings(await read_json(request))
     _admit(rt)
-    name = model or rt.settings.model
-    worker = await rt.pool.worker_for(name)
-    rt.begin_request()
-    try:
-        async with contextlib.aclosing(worker.request({"op": "embed", "input": inputs})) as frames:
-            frame = await anext(frames)
-    finally:
-        rt.end_request()
+    async with rt.admission.ticket():
+        worker = await rt.pool.worker_for(model or rt.settings.model)
+        name = worker.config.name
+        rt.begin_request()
+        try:
+            async with contextlib.aclosing(worker.request({"op": "embed", "input": inputs})) as frames:
+                frame = await anext(frames)
+        finally:
+            rt.end_request()
     n = frame["prompt_tokens"]
     rt.metrics.prompt_tokens.labels(name).inc(n)
     return web.json_response({
@@ -120,8 +125,14 @@ async def _tracked(rt: Runtime, name: str, frames: AsyncIterator[dict]) -> Async
 async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     _admit(rt)
-    name = req.model or rt.settings.model
-    worker = await rt.pool.worker_for(name)
+    async with rt.admission.ticket():
+        worker = await rt.pool.worker_for(req.model or rt.settings.model)
+        return await _answer(request, req, chat, worker)
+
+
+async def _answer(request: web.Request, req: GenerationRequest, chat: bool, worker) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    name = worker.config.name  # the model that answers: it may stand in for one that does not fit
     frame = {"op": "generate", "prompt": req.prompt, "messages": req.messages, "params": req.params}
     shape = _Shape(name, chat)
     async with contextlib.aclosing(_tracked(rt, name, worker.request(frame))) as frames:

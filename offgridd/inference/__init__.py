@@ -3,4 +3,5 @@
 from .client import InferenceError, InferenceWorker, Overloaded, WorkerConfig, WorkerCrashed
 from .pool import ModelPool, default_threads
 
-__all__ = ["InferenceError", "InferenceWorker", "ModelPool", "Overloaded", "WorkerConfig", "WorkerCrashed", "default_threads"]
+__all__ = ["InferenceError", "InferenceWorker", "ModelPool", "Overloaded", "WorkerConfig", "WorkerCrashed",
+           "default_threads"]

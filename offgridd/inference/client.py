@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a worker that lived this long resets the backoff
+CRASH_LIMIT = 3  # this many crashes ...
+CRASH_WINDOW_S = 120.0  # ... within this window mark the model bad
 
 
 class InferenceError(Exception):
@@ -52,6 +54,8 @@ class WorkerConfig:
     ctx: int
     batch: int
     start_timeout: float
+    gpu_layers: int = 0
+    memory_limit: int = 0  # RLIMIT_AS for the worker process, 0 for none
 
 
 _CLOSED = object()
@@ -61,15 +65,18 @@ class InferenceWorker:
     """One child process serving one model. Requests are multiplexed by id; the worker queues them."""
 
     def __init__(self, config: WorkerConfig, on_restart: Callable[[str], None] | None = None,
-                 on_abandoned: Callable[[str, dict], None] | None = None):
+                 on_abandoned: Callable[[str, dict], None] | None = None,
+                 on_failed: Callable[[str, str], None] | None = None):
         self.config = config
         self.on_restart = on_restart
         self.on_abandoned = on_abandoned
+        self.on_failed = on_failed
         self.state = "stopped"  # loading | ready | restarting | failed | stopped
         self.reason = ""
         self.n_ctx = 0
         self.pid: int | None = None
         self.restarts = 0
+        self.threads = config.threads  # may be lowered at run time (heat); a restarted worker keeps it
         self.in_flight = 0
         self.waiting = 0  # sent to the worker, not yet started there
         self.last_used = time.monotonic()
@@ -103,20 +110,27 @@ class InferenceWorker:
 
     async def _supervise(self) -> None:
         backoff = BACKOFF_FIRST_S
+        crashes: list[float] = []
         while not self._stopping:
             born = time.monotonic()
             outcome = await self._run_once()
             if self._stopping:
                 break
-            if outcome == "load-failed":
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+            if outcome == "load-failed" or len(crashes) >= CRASH_LIMIT:
+                if outcome != "load-failed":
+                    self.reason = f"the worker crashed {len(crashes)} times in {CRASH_WINDOW_S:.0f}s ({self.reason})"
                 self.state = "failed"
                 self._failed.set()
-                log.error("model %s failed to load: %s", self.config.name, self.reason)
+                log.error("model %s failed: %s", self.config.name, self.reason)
+                if self.on_failed:
+                    self.on_failed(self.config.name, self.reason)
                 return
             self.restarts += 1
             if self.on_restart:
                 self.on_restart(self.config.name)
-            if time.monotonic() - born > STABLE_S:
+            if now - born > STABLE_S:
                 backoff = BACKOFF_FIRST_S
             self.state = "restarting"
             log.warning("inference worker for %s died (%s); restarting in %.1fs", self.config.name, self.reason,
@@ -133,7 +147,8 @@ class InferenceWorker:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "offgridd.inference.worker", "--fd", str(theirs.fileno()),
                 "--model-path", str(cfg.path), "--model-name", cfg.name, "--threads", str(cfg.threads),
-                "--ctx", str(cfg.ctx), "--batch", str(cfg.batch),
+                "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--gpu-layers", str(cfg.gpu_layers),
+                "--threads-now", str(self.threads), "--memory-limit", str(cfg.memory_limit),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_worker_env(),
             )
         finally:
@@ -233,6 +248,12 @@ class InferenceWorker:
         if self._supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        if self.state == "ready":
+            with contextlib.suppress(ConnectionError, RuntimeError, WorkerCrashed):
+                self._send({"op": "threads", "id": 0, "n": threads})
 
     def kill(self) -> None:
         """Kill the process as a crash would (used by tests and by the watchdog of a stuck worker)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import random
+import resource
 import signal
 import socket
 import sys
@@ -78,8 +79,10 @@ class Worker:
         self.args = args
         self.llm = Llama(
             model_path=args.model_path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
-            n_batch=args.batch, verbose=False,
+            n_batch=args.batch, n_gpu_layers=args.gpu_layers, verbose=False,
         )
+        if args.threads_now != args.threads:
+            self.set_threads(args.threads_now)
         self.embedder = None
         self.n_ctx = self.llm.n_ctx()
         meta = self.llm.metadata
@@ -89,6 +92,13 @@ class Worker:
         self.cancelled: set[int] = set()
         self.inbox: queue.Queue[dict | None] = queue.Queue()
         self.closed = False
+
+    def set_threads(self, n: int) -> None:
+        """Takes effect at the next decode step, also mid-generation: this is how heat slows us down."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
+        self.llm.context_params.n_threads = self.llm.context_params.n_threads_batch = n
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -100,6 +110,8 @@ class Worker:
             while (frame := self.channel.receive()) is not None:
                 if frame["op"] == "cancel":
                     self.cancelled.add(frame["id"])
+                elif frame["op"] == "threads":
+                    self.set_threads(int(frame["n"]))
                 else:
                     self.inbox.put(frame)
         except Exception as e:  # a broken daemon end: the worker has no one to serve
@@ -212,14 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--ctx", type=int, required=True)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--threads-now", type=int, default=0, help="threads to use now (lowered when hot)")
+    parser.add_argument("--memory-limit", type=int, default=0, help="address-space limit in bytes")
     args = parser.parse_args(argv)
+    args.threads_now = args.threads_now or args.threads
+    if args.memory_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s %(message)s")
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when the worker stops
     channel = BlockingChannel(socket.socket(fileno=args.fd))
     try:
         worker = Worker(channel, args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:
         channel.send({"op": "error", "id": 0, "status": 500, "message": f"model failed to load: {e}"})
         return 1
     worker.serve()

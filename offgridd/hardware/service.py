@@ -1,0 +1,138 @@
+"""The hardware service: samples resources off the loop, turns the degradation ladder, drives the LED."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+
+from ..runtime import Runtime
+from .ladder import DegradationLadder, Limits
+from .led import open_gpio
+from .probe import ResourceSample, sample
+from .profiles import Detection
+
+log = logging.getLogger(__name__)
+
+LED_EVERY_S = 0.2
+
+
+class HardwareService:
+    name = "hardware"
+
+    def __init__(self, rt: Runtime, detection: Detection):
+        self.rt = rt
+        self.detection = detection
+        hw = rt.settings.hardware
+        self.ladder = DegradationLadder(hw, rt.admission.slots, rt.admission.depth, rt.pool.threads)
+        self.sample: ResourceSample | None = None
+        self.limits: Limits = self.ladder.limits()
+        self.led = self.button = None
+        self.gpio_note: str | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await self._sample_once()  # before the first model load, so the fit sees this board's memory
+        self.rt.pool.available_memory = lambda: self.sample.mem_available if self.sample else 0
+        hw = self.rt.settings.hardware
+        loop = asyncio.get_running_loop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gpiozero warns per fallback factory; we say it once below
+            self.led, self.button, self.gpio_note = await loop.run_in_executor(
+                None, open_gpio, hw.led_pin, hw.button_pin, hw.button_hold_seconds,
+                lambda: loop.call_soon_threadsafe(self._long_press))
+        self._tasks = [asyncio.create_task(self._watch(), name="resource-watch"),
+                       asyncio.create_task(self._drive_led(), name="status-led")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for part in (self.led, self.button):
+            if part is not None:
+                part.close()
+
+    def _long_press(self) -> None:
+        action = self.rt.settings.hardware.button_action
+        log.warning("button held: %s", action)
+        if action == "shutdown":
+            self.rt.stop_requested.set()
+
+    async def _sample_once(self) -> None:
+        hw = self.rt.settings.hardware
+        self.sample = await asyncio.get_running_loop().run_in_executor(None, sample, hw.root, self.rt.settings.state)
+        before = set(self.ladder.active)
+        limits = self.ladder.update(self.sample)
+        await self._apply(limits, entered=set(self.ladder.active) - before)
+        self._record()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.rt.settings.hardware.sample_seconds)
+            try:
+                await self._sample_once()
+                if (keep := self.rt.settings.keep_alive) > 0:
+                    for name in await self.rt.pool.unload_idle(older_than=keep):
+                        log.info("unloaded %s after %.0fs idle (keep_alive)", name, keep)
+            except OSError as e:  # a vanished sensor must not stop the watch
+                log.warning("resource sample failed: %s", e)
+
+    async def _apply(self, limits: Limits, entered: set[str]) -> None:
+        rt = self.rt
+        if "memory-pressure" in entered:
+            unloaded = await rt.pool.unload_idle()
+            if unloaded:
+                log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
+        if limits == self.limits:
+            return
+        rt.admission.resize(limits.slots, limits.queue_depth)
+        rt.admission.paused = limits.paused
+        if limits.threads != rt.pool.threads:
+            rt.pool.set_threads(limits.threads)
+        log.info("running with %d slots, queue %d, %d threads%s", limits.slots, limits.queue_depth, limits.threads,
+                 f", paused: {limits.paused}" if limits.paused else "")
+        self.limits = limits
+        rt.bus.publish("degraded", {"degraded": self.ladder.describe()})
+
+    def _record(self) -> None:
+        m, s = self.rt.metrics, self.sample
+        m.memory_available.set(s.mem_available)
+        if s.temperature_c is not None:
+            m.temperature.set(s.temperature_c)
+        for step in self.ladder.STEPS:
+            m.degraded.labels(step).set(1 if step in self.ladder.active else 0)
+        m.admission_slots.set(self.limits.slots)
+        m.threads.set(self.limits.threads)
+
+    def led_pattern(self) -> str:
+        rt = self.rt
+        if rt.phase in ("unavailable", "failed"):
+            return "error"
+        if rt.phase in ("starting", "loading", "stopping"):
+            return "starting"
+        if rt.jobs.running():
+            return "importing"
+        if rt.active:
+            return "generating"
+        if self.ladder.active or rt.pool.bad or rt.pool.notes:
+            return "degraded"
+        return "ready"
+
+    async def _drive_led(self) -> None:
+        while True:
+            if self.led is not None:
+                self.led.set(self.led_pattern())
+            await asyncio.sleep(LED_EVERY_S)
+
+    def describe(self) -> dict:
+        return {
+            "profile": self.detection.to_dict(),
+            "resources": self.sample.to_dict() if self.sample else None,
+            "limits": {"slots": self.limits.slots, "queue_depth": self.limits.queue_depth,
+                       "threads": self.limits.threads, "paused": self.limits.paused},
+            "degraded": self.ladder.describe(),
+            "led": self.led.pattern if self.led else None,
+            "gpio": self.gpio_note or "ok",
+        }
