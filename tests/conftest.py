@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,20 +92,29 @@ class Daemon:
         return [m.group(0) for m in BLOCKED_LOOP.finditer(self.log.read_text())]
 
 
-def start_daemon(state: Path, log: Path, *args: str, env: dict | None = None, port: int | None = None) -> Daemon:
+def start_daemon(state: Path, log: Path, *args: str, env: dict | None = None, port: int | None = None,
+                 board_settings: bool = False) -> Daemon:
+    """Run `offgridd serve`; 2 threads and ctx 2048 unless board_settings leaves them to the board profile."""
     port = port or free_port()
     full_env = {**os.environ, "PYTHONASYNCIODEBUG": "1", "OFFGRID_CONFIG": str(state / "none.toml"),
-                **(env or {})}
+                "OFFGRID_PEERS_ENABLED": "false", **(env or {})}  # peer tests turn peers on
     if "NOTIFY_SOCKET" not in (env or {}):
         full_env.pop("NOTIFY_SOCKET", None)
     (state / "none.toml").parent.mkdir(parents=True, exist_ok=True)
     (state / "none.toml").write_text("")
     proc = subprocess.Popen(
         [sys.executable, "-m", "offgridd", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(state),
-         "--threads", "2", "--ctx", "2048", *args],
+         *([] if board_settings else ["--threads", "2", "--ctx", "2048"]), *args],
         stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=full_env,
     )
     return Daemon(proc=proc, url=f"http://127.0.0.1:{port}", state=state, log=log)
+
+
+def private_state(model_state: Path, dest: Path) -> Path:
+    """A state directory of its own holding the built-in model, its blob hard-linked rather than copied."""
+    for part in ("manifests", "blobs"):
+        shutil.copytree(model_state / "models" / part, dest / "models" / part, copy_function=os.link)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -81,20 +81,17 @@ class HardwareService:
 
     async def _apply(self, limits: Limits, entered: set[str]) -> None:
         rt = self.rt
-        if "memory-pressure" in entered:
-            unloaded = await rt.pool.unload_idle()
-            if unloaded:
-                log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
-        if limits == self.limits:
-            return
-        rt.admission.resize(limits.slots, limits.queue_depth)
-        rt.admission.paused = limits.paused
-        if limits.threads != rt.pool.threads:
-            rt.pool.set_threads(limits.threads)
-        log.info("running with %d slots, queue %d, %d threads%s", limits.slots, limits.queue_depth, limits.threads,
-                 f", paused: {limits.paused}" if limits.paused else "")
-        self.limits = limits
-        rt.bus.publish("degraded", {"degraded": self.ladder.describe()})
+        if limits != self.limits:
+            rt.admission.resize(limits.slots, limits.queue_depth)
+            rt.admission.paused = limits.paused
+            if limits.threads != rt.pool.threads:
+                rt.pool.set_threads(limits.threads)
+            log.info("running with %d slots, queue %d, %d threads%s", limits.slots, limits.queue_depth,
+                     limits.threads, f", paused: {limits.paused}" if limits.paused else "")
+            self.limits = limits
+            rt.bus.publish("degraded", {"degraded": self.ladder.describe()})
+        if "memory-pressure" in entered and (unloaded := await rt.pool.unload_idle()):
+            log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
 
     def _record(self) -> None:
         m, s = self.rt.metrics, self.sample

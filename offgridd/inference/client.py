@@ -163,6 +163,7 @@ class InferenceWorker:
                     loaded = True
                     self.n_ctx = frame["n_ctx"]
                     self.state, self.reason = "ready", ""
+                    self.last_used = time.monotonic()  # idle time counts from being ready, not from the spawn
                     self._ready.set()
                     log.info("model %s ready in worker pid %s (n_ctx %s)", cfg.name, self.pid, self.n_ctx)
                 elif not loaded and frame["op"] == "error":

@@ -114,7 +114,8 @@ class ModelPool:
     async def unload_idle(self, older_than: float = 0.0) -> list[str]:
         """Unload models nobody has used for `older_than` seconds; returns their names."""
         now = time.monotonic()
-        names = [n for n, w in self.workers.items() if w.in_flight == 0 and now - w.last_used >= older_than]
+        names = [n for n, w in self.workers.items()
+                 if w.state == "ready" and w.in_flight == 0 and now - w.last_used >= older_than]
         for name in names:
             await self.unload(name)
         return names
