@@ -69,7 +69,8 @@ def _replace(path: Path, text: str) -> None:
 def write_meminfo(root: Path, total_kb: int, available_kb: int) -> None:
     _replace(root / "proc/meminfo",
              f"MemTotal:       {total_kb} kB\nMemFree:        {available_kb // 2} kB\n"
-             f"MemAvailable:   {available_kb} kB\nBuffers:           41232 kB\nCached:          {available_kb // 3} kB\n"
+             f"MemAvailable:   {available_kb} kB\nBuffers:           41232 kB\n"
+             f"Cached:          {available_kb // 3} kB\n"
              "SwapTotal:        204796 kB\nSwapFree:         204796 kB\n")
 
 

@@ -6,7 +6,10 @@ import hmac
 
 from aiohttp import web
 
+from ..peers import setup_routes as setup_peer_routes
 from ..runtime import Runtime
+from ..ui import setup_ui
+from ..usb import routes as usb
 from . import health, native, openai
 from .errors import ApiError, error_middleware
 from .keys import RUNTIME
@@ -48,11 +51,15 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/models/{name}", native.delete_model)
     app.router.add_get("/api/v1/jobs", native.list_jobs)
     app.router.add_get("/api/v1/events", native.events)
+    app.router.add_get("/api/v1/usb", usb.usb_status)
+    app.router.add_post("/api/v1/usb/import", usb.usb_import)
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/v1/models/{name}", openai.get_model)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_post("/v1/embeddings", openai.embeddings)
+    setup_peer_routes(app)
+    setup_ui(app)
 
 
 def init_app(rt: Runtime) -> web.Application:
