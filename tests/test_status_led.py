@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
+from conftest import start_daemon
 from gpiozero.pins.mock import MockFactory
 
-from conftest import start_daemon
 from offgridd.hardware.led import PATTERNS, open_gpio
 
 
