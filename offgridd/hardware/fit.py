@@ -8,8 +8,9 @@ from ..store import ModelManifest
 
 MIN_CTX = 512
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default f16 KV cache
-# Measured here: a worker serving gemma3-270m (253 MB file) at ctx 2048 holds ~395 MB resident; file + KV cache
-# account for ~290 MB, the rest is the Python runtime, llama.cpp's compute buffers and the sampler.
+# Measured here: a worker serving gemma3-270m (241 MiB file) at ctx 4096, after a request, holds 426 MiB resident;
+# file + KV cache account for 313 MiB, the rest is the Python runtime, llama.cpp's compute buffers and the sampler.
+# The estimate below comes to 423 MiB for that case.
 OVERHEAD_BYTES = 110 << 20
 RESERVE_BYTES = 64 << 20  # left for the daemon and the system when deciding what fits
 
