@@ -1,0 +1,47 @@
+"""HTTP: the USB watch's state, and importing a mounted directory on request (`offgridd usb import`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from ..api.errors import ApiError
+from ..api.keys import RUNTIME
+from ..api.native import require_admin
+from .watcher import UsbWatcher
+
+LOCAL = ("127.0.0.1", "::1")
+
+
+def _watcher(request: web.Request) -> UsbWatcher:
+    for service in request.app[RUNTIME].services:
+        if isinstance(service, UsbWatcher):
+            return service
+    raise ApiError(503, "USB import is off on this box (usb.enabled = false)", code="usb_disabled")
+
+
+async def usb_status(request: web.Request) -> web.Response:
+    return web.json_response(_watcher(request).describe())
+
+
+async def usb_import(request: web.Request) -> web.Response:
+    """Import a directory on this box in the stick format; waits for the result."""
+    require_admin(request)
+    if not request.app[RUNTIME].settings.admin_key and request.remote not in LOCAL:
+        raise ApiError(403, "importing from a path on this box needs a local client or the admin key",
+                       code="admin_key_required")
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise ApiError(400, "the body must be JSON: {\"path\": \"/mounted/stick\"}") from None
+    path = body.get("path") if isinstance(body, dict) else None
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ApiError(400, "'path' must be an absolute path to a mounted directory", param="path")
+    watcher = _watcher(request)
+    if not await asyncio.get_running_loop().run_in_executor(None, Path(path).is_dir):
+        raise ApiError(400, f"{path} is not a directory the daemon can see", param="path", code="not_a_directory")
+    report = await watcher.import_path(Path(path))
+    return web.json_response(report.to_dict())

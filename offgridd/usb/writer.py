@@ -1,0 +1,135 @@
+"""Write the stick format: `offgridd usb prepare` (from a PC) and `offgridd models export` (from the box)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..store import GgufError, read_gguf_info
+from ..store.store import CHUNK, valid_name
+from .stick import FORMAT_VERSION, MANIFEST, MAX_MODELS, StickError, StickModel, parse_manifest
+
+MODELS_DIR = "OFFGRID/models"
+SLACK_BYTES = 1 << 20  # the manifest and directory entries
+
+
+class StickWriteError(Exception):
+    """Nothing (more) was written; the message says why."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSource:
+    name: str
+    path: Path
+    license: str
+    description: str | None = None
+    sha256: str | None = None  # when known (export from the store): the copy must hash to it
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (FUSE FAT) do not sync directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _existing_models(target: Path) -> list[StickModel]:
+    path = target / MANIFEST
+    if not path.exists():
+        return []
+    try:
+        return parse_manifest(path.read_bytes())
+    except StickError as e:
+        raise StickWriteError(f"{path} is there but unusable ({e}); remove it or use an empty stick") from None
+
+
+def _copy_hashing(src: Path, dest: Path, on_progress: Callable[[int], None] | None) -> str:
+    digest, done = hashlib.sha256(), 0
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        with open(src, "rb", buffering=0) as fin, open(partial, "wb") as fout:
+            while block := fin.read(CHUNK):
+                digest.update(block)
+                fout.write(block)
+                done += len(block)
+                if on_progress:
+                    on_progress(done)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+def write_stick(target: Path, sources: list[ModelSource],
+                on_progress: Callable[[str, int], None] | None = None) -> list[StickModel]:
+    """Copy the models onto a mounted stick while hashing, then write OFFGRID/manifest.json atomically."""
+    target = Path(target)
+    if not target.is_dir():
+        raise StickWriteError(f"{target} is not a directory: mount the stick and give its mount point")
+    if not sources:
+        raise StickWriteError("no models given")
+    names = [s.name for s in sources]
+    if dup := {n for n in names if names.count(n) > 1}:
+        raise StickWriteError(f"the name(s) {sorted(dup)} are given twice")
+    planned = []
+    for s in sources:
+        if not valid_name(s.name):
+            raise StickWriteError(f"invalid model name {s.name!r}: use letters, digits and . _ : - (at most 128)")
+        try:
+            info = read_gguf_info(s.path)
+        except GgufError as e:
+            raise StickWriteError(f"{s.path} is not a usable GGUF model: {e}") from None
+        except OSError as e:
+            raise StickWriteError(f"{s.path} cannot be read: {e.strerror}") from None
+        planned.append((s, info.quantization, s.path.stat().st_size))
+    kept = [m for m in _existing_models(target) if m.name not in names]
+    if len(kept) + len(planned) > MAX_MODELS:
+        raise StickWriteError(f"a stick holds at most {MAX_MODELS} models")
+    need = sum(size for _, _, size in planned) + SLACK_BYTES
+    free = shutil.disk_usage(target).free
+    if need > free:
+        raise StickWriteError(f"not enough space on {target}: the models need {need} bytes, {free} are free; "
+                              f"nothing was written")
+    models_dir = target / MODELS_DIR
+    models_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s, quantization, size in planned:
+        filename = s.name.replace(":", "-") + ".gguf"  # FAT forbids ':'
+        dest = models_dir / filename
+        digest = _copy_hashing(s.path, dest, (lambda done, n=s.name: on_progress(n, done)) if on_progress else None)
+        if s.sha256 is not None and digest != s.sha256:
+            dest.unlink(missing_ok=True)
+            raise StickWriteError(f"{s.name}: the copy hashed to {digest}, the store says {s.sha256}; the store "
+                                  f"copy may be damaged ('offgridd models verify {s.name}')")
+        written.append(StickModel(name=s.name, file=f"{MODELS_DIR}/{filename}", sha256=digest, size=size,
+                                  quantization=quantization, license=s.license, description=s.description))
+    _fsync_dir(models_dir)
+    _write_manifest(target, kept + written)
+    return written
+
+
+def _write_manifest(target: Path, models: list[StickModel]) -> None:
+    doc = {"format": FORMAT_VERSION, "created_by": f"offgridd {__version__}",
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "models": [m.to_dict() for m in models]}
+    path = target / MANIFEST
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
