@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .. import __version__
-from ..inference import InferenceError
+from ..inference import InferenceError, Overloaded
 from ..peers.routing import routable
 from ..runtime import Runtime
 from .errors import ApiError, as_api_error, error_body
@@ -35,8 +35,9 @@ async def read_json(request: web.Request) -> dict:
 
 
 def _admit(rt: Runtime) -> None:
+    """Refuse while no model is ready; as Overloaded, so a peer that has one may take the request."""
     if not rt.ready:
-        raise ApiError(503, f"the appliance is {rt.phase}: {rt.reason or 'no model is ready yet'}", retry_after=5)
+        raise Overloaded(f"the appliance is {rt.phase}: {rt.reason or 'no model is ready yet'}", retry_after=5)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -166,8 +166,14 @@ class ModelStore:
         expected_size: int | None = None,
         license: str | None = None,
         on_progress: Callable[[int], None] | None = None,
+        partial: Path | None = None,
     ) -> ModelManifest:
-        """Stream bytes into .staging while hashing, verify, then commit blob and manifest atomically."""
+        """Stream bytes into .staging while hashing, verify, then commit blob and manifest atomically.
+
+        `partial` makes the import resumable (peer pulls): the bytes go to that file (on the store's filesystem,
+        outside .staging, which start-up empties) after what it already holds, and it is kept when `chunks` breaks
+        off; a later call with the rest resumes it. It is deleted once the import is committed or refused.
+        """
         if not valid_name(name):
             raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ : - (at most 128)")
         if expected_sha256 is not None:
@@ -179,9 +185,11 @@ class ModelStore:
             free = shutil.disk_usage(self.staging).free
             if expected_size > free:
                 raise StoreError(f"not enough space: the model needs {expected_size} bytes, {free} are free")
-        staged = self.staging / f"{uuid.uuid4().hex}.partial"
+        staged = partial or self.staging / f"{uuid.uuid4().hex}.partial"
+        written = False
         try:
-            digest, size = self._write_staged(staged, chunks, on_progress)
+            digest, size = self._write_staged(staged, chunks, on_progress, resume=partial is not None)
+            written = True
             if expected_size is not None and size != expected_size:
                 raise StoreError(f"size mismatch: expected {expected_size} bytes, got {size}")
             if expected_sha256 is not None and digest != expected_sha256:
@@ -203,11 +211,17 @@ class ModelStore:
             self._write_manifest(manifest)
             return manifest
         finally:
-            staged.unlink(missing_ok=True)
+            if partial is None or written:
+                staged.unlink(missing_ok=True)
 
-    def _write_staged(self, staged: Path, chunks: Iterable[bytes], on_progress) -> tuple[str, int]:
+    def _write_staged(self, staged: Path, chunks: Iterable[bytes], on_progress,
+                      resume: bool = False) -> tuple[str, int]:
         digest, size = hashlib.sha256(), 0
-        with open(staged, "xb") as out:
+        if resume and staged.exists():  # hash what an interrupted import already wrote, then append the rest
+            for block in file_chunks(staged):
+                digest.update(block)
+                size += len(block)
+        with open(staged, "ab" if resume else "xb") as out:
             for block in chunks:
                 digest.update(block)
                 out.write(block)

@@ -1,0 +1,81 @@
+"""`offgridd peers` and `offgridd fleet key|join`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from ..cli import _base_url, _get_json, _settings
+
+    url = _base_url(args)
+    try:
+        code, body = _get_json(f"{url}/api/v1/peers", _settings(args).api_key)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"offgridd is not answering at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 3
+    if "error" in body:
+        print(f"error {code}: {body['error']['message']}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    if not body["enabled"]:
+        print("peers are disabled on this node ([peers] enabled = false)")
+        return 0
+    me = body["node"]
+    print(f"this node: {me['name']} ({me['node']}), fleet {me['fleet']}, "
+          f"multicast {me['multicast'] or 'off'}, sync {me['sync']}")
+    if not body["peers"]:
+        print("no peers seen; boxes join with the same fleet key ('offgridd fleet key' on one, "
+              "'offgridd fleet join KEY' on the others)")
+    for p in body["peers"]:
+        print(f"{p['name']:20} {p['url']:28} load {p['load']} queue {p['queue']}  {len(p['models'])} models: "
+              f"{', '.join(p['models'])}")
+    return 0
+
+
+def cmd_fleet_key(args: argparse.Namespace) -> int:
+    from ..cli import _settings
+    from .fleet import FleetKeyError, load_identity
+
+    try:
+        identity = load_identity(_settings(args).state)
+    except (FleetKeyError, OSError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(identity.fleet_key.hex())
+    print(f"fleet {identity.key_fingerprint}; on the other boxes run: offgridd fleet join {identity.fleet_key.hex()}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_fleet_join(args: argparse.Namespace) -> int:
+    from ..cli import _settings
+    from .fleet import FleetKeyError, join_fleet
+
+    try:
+        identity = join_fleet(_settings(args).state, args.key)
+    except (FleetKeyError, OSError) as e:
+        print(f"not joined: {e}", file=sys.stderr)
+        return 1
+    print(f"joined fleet {identity.key_fingerprint}; a running daemon picks the key up within one announcement "
+          "interval")
+    return 0
+
+
+def add_peer_commands(sub, common: argparse.ArgumentParser) -> None:
+    peers = sub.add_parser("peers", parents=[common], help="the other boxes this one sees on the LAN")
+    peers.add_argument("--url", help="daemon URL (default from settings)")
+    peers.add_argument("--json", action="store_true")
+    peers.set_defaults(func=cmd_peers)
+    fleet = sub.add_parser("fleet", help="the key that lets boxes on a LAN work as one")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    key = fleet_sub.add_parser("key", parents=[common], help="print this box's fleet key")
+    key.set_defaults(func=cmd_fleet_key)
+    join = fleet_sub.add_parser("join", parents=[common], help="use another box's fleet key")
+    join.add_argument("key", help="64 hex digits from 'offgridd fleet key'")
+    join.set_defaults(func=cmd_fleet_join)

@@ -1,0 +1,91 @@
+"""Serve a request this node cannot take from the least busy peer that has the model, streaming as it comes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from ..api.keys import RUNTIME
+from ..inference import Overloaded
+from ..store import UnknownModel
+from .http import NODE_HEADER, peer_service
+
+log = logging.getLogger(__name__)
+
+HOP_HEADER = "X-Offgrid-Hop"  # set on a routed request: its receiver serves it or refuses it, never routes it on
+VIA_HEADER = "X-Offgrid-Routed-Via"
+PASSED_ON = ("Content-Type", "Cache-Control", "Retry-After", "X-Accel-Buffering", NODE_HEADER)
+
+
+async def route_to_peer(request: web.Request, model: str) -> web.StreamResponse | None:
+    """The peer's response, already sent to the client; None when no peer can take the request."""
+    rt = request.app[RUNTIME]
+    service = peer_service(rt)
+    if service is None or HOP_HEADER in request.headers:
+        return None
+    candidates = service.route_candidates(model)
+    if not candidates:
+        return None
+    body = await request.read()  # aiohttp keeps the body it already read for the handler
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json"),
+               HOP_HEADER: service.identity.node_id}
+    if "Authorization" in request.headers:  # a fleet behind an api_key shares that key
+        headers["Authorization"] = request.headers["Authorization"]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=rt.settings.worker_start_timeout)
+    for i, peer in enumerate(candidates):
+        try:
+            upstream = await service.session.post(peer.url + request.path_qs, data=body, headers=headers,
+                                                   timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("routing %s to peer %s failed: %s", model, peer.name, e or type(e).__name__)
+            continue
+        try:
+            if upstream.status in (404, 503) and i + 1 < len(candidates):
+                continue  # it lost the model or is full too: the next peer may do
+            rt.metrics.routed.labels(peer.name).inc()
+            log.info("routed a request for %s to peer %s (HTTP %s)", model, peer.name, upstream.status)
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers={k: upstream.headers[k] for k in PASSED_ON if k in upstream.headers})
+            resp.headers.setdefault(NODE_HEADER, peer.node)
+            resp.headers[VIA_HEADER] = service.identity.node_id
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("peer %s stopped in the middle of a response: %s", peer.name, e or type(e).__name__)
+                return resp
+            await resp.write_eof()
+            return resp
+        finally:
+            upstream.release()
+    return None
+
+
+def routable(handler):
+    """Wrap an OpenAI handler: when this node lacks the model or its queue is full, a peer that has it may answer."""
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (UnknownModel, Overloaded):
+            routed = await route_to_peer(request, await _requested_model(request))
+            if routed is None:
+                raise
+            return routed
+
+    return handle
+
+
+async def _requested_model(request: web.Request) -> str:
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        body = None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) and model else request.app[RUNTIME].settings.model
