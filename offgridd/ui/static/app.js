@@ -1,0 +1,690 @@
+// offgridd's UI: plain DOM, no build step, no other host. Model text is only ever set as textContent.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const EVENTS_SILENT_MS = 7000; // status snapshots come every 2 s: this much silence means the link is dead
+const MAX_TOKENS = 512;
+
+const saved = {
+  get(key, fallback) {
+    try {
+      const raw = localStorage.getItem("offgrid." + key);
+      return raw === null ? fallback : JSON.parse(raw);
+    } catch {
+      return fallback;
+    }
+  },
+  set(key, value) {
+    try {
+      localStorage.setItem("offgrid." + key, JSON.stringify(value));
+    } catch (e) {
+      showBanner("Could not save in this browser: " + e.message);
+    }
+  },
+};
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function fmtBytes(n) {
+  if (typeof n !== "number" || !isFinite(n)) return "";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i === 0 ? n : n.toFixed(n < 10 ? 1 : 0)) + " " + units[i];
+}
+
+function fmtDuration(s) {
+  if (typeof s !== "number" || !isFinite(s)) return "";
+  s = Math.round(s);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  if (d) return `${d} d ${h} h`;
+  if (h) return `${h} h ${m} min`;
+  if (m) return `${m} min ${s % 60} s`;
+  return `${s} s`;
+}
+
+// Fields added by other subsystems arrive in shapes we cannot know in advance: show whatever is there, as text.
+function fmtValue(v) {
+  if (v === null || v === undefined) return "";
+  if (Array.isArray(v)) return v.map(fmtValue).filter(Boolean).join(", ");
+  if (typeof v === "object") {
+    for (const k of ["reason", "name", "id", "label"]) if (typeof v[k] === "string" && v[k]) return v[k];
+    return Object.entries(v).filter(([, x]) => x !== null && typeof x !== "object")
+      .map(([k, x]) => `${k} ${x}`).join(" · ");
+  }
+  if (typeof v === "number") return String(Math.round(v * 10) / 10);
+  return String(v);
+}
+
+/* ---------- banner and link state ---------- */
+
+function showBanner(text) {
+  $("banner-text").textContent = text;
+  $("banner").hidden = false;
+}
+
+function hideBanner() {
+  $("banner").hidden = true;
+}
+
+let linkDown = false;
+
+function setLink(up, why) {
+  const link = $("link");
+  link.textContent = up ? "live" : "reconnecting…";
+  link.className = "link " + (up ? "up" : "down");
+  if (up && linkDown) hideBanner();
+  if (!up) showBanner(`Connection to the appliance lost (${why}). Reconnecting…`);
+  if (up && linkDown) refreshAll();
+  linkDown = !up;
+}
+
+/* ---------- keys and API calls ---------- */
+
+class ApiError extends Error {
+  constructor(status, message, code, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function authHeaders(admin) {
+  const key = (admin && saved.get("adminKey", "")) || saved.get("apiKey", "");
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+let keyPrompt = null; // one dialog at a time, shared by every request that needs it
+
+function askKey(kind, why) {
+  if (keyPrompt) return keyPrompt;
+  const dialog = $("key-dialog");
+  $("key-title").textContent = kind === "admin" ? "Admin key needed" : "API key needed";
+  $("key-why").textContent = why;
+  $("key-input").value = "";
+  keyPrompt = new Promise((resolve) => {
+    const done = (value) => {
+      $("key-form").onsubmit = $("key-cancel").onclick = dialog.oncancel = null;
+      if (dialog.open) dialog.close();
+      keyPrompt = null;
+      resolve(value);
+    };
+    $("key-form").onsubmit = (e) => {
+      e.preventDefault();
+      const value = $("key-input").value.trim();
+      if (value) saved.set(kind === "admin" ? "adminKey" : "apiKey", value);
+      done(Boolean(value));
+    };
+    $("key-cancel").onclick = () => done(false);
+    dialog.oncancel = (e) => { e.preventDefault(); done(false); };
+  });
+  dialog.showModal();
+  $("key-input").focus();
+  return keyPrompt;
+}
+
+async function errorFrom(resp) {
+  let message = `${resp.status} ${resp.statusText}`, code = null;
+  try {
+    const body = await resp.json();
+    if (body && body.error) ({ message, code } = body.error);
+  } catch { /* not JSON: keep the status line */ }
+  return new ApiError(resp.status, message, code, Number(resp.headers.get("Retry-After")) || null);
+}
+
+// fetch() with the saved keys; a 401 or an admin 403 asks the person for the key and tries again.
+async function call(path, { method = "GET", body, admin = false, signal, raw = false } = {}) {
+  for (;;) {
+    const headers = authHeaders(admin);
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const resp = await fetch(path, {
+      method, headers, signal, cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (resp.ok) return raw ? resp : resp.json();
+    const err = await errorFrom(resp);
+    if (resp.status === 401 && await askKey("api", "This appliance needs its API key: " + err.message)) continue;
+    if (resp.status === 403 && err.code === "admin_key_required"
+        && await askKey("admin", "Only the owner can do this: enter the admin key.")) continue;
+    throw err;
+  }
+}
+
+function explain(err) {
+  if (err instanceof ApiError) {
+    const wait = err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "";
+    if (err.status === 503) return `The appliance cannot answer now: ${err.message}.${wait}`;
+    return `${err.message} (HTTP ${err.status})`;
+  }
+  return `The appliance did not answer: ${err.message}`;
+}
+
+/* ---------- server-sent events, read from fetch so the API key can be sent ---------- */
+
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let kind = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) kind = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length && onEvent(kind, data.join("\n")) === false) {
+        reader.cancel().catch(() => {});
+        return;
+      }
+    }
+  }
+}
+
+async function listen() {
+  let delay = 1000;
+  for (;;) {
+    const ctrl = new AbortController();
+    let heard = Date.now(), watchdog = null;
+    try {
+      const resp = await call("/api/v1/events", { signal: ctrl.signal, raw: true });
+      heard = Date.now();
+      watchdog = setInterval(() => { if (Date.now() - heard > EVENTS_SILENT_MS) ctrl.abort(); }, 1000);
+      await readEvents(resp.body, (kind, data) => {
+        heard = Date.now();
+        setLink(true);
+        delay = 1000;
+        handleEvent(kind, JSON.parse(data));
+      });
+      setLink(false, "the event stream ended");
+    } catch (e) {
+      setLink(false, ctrl.signal.aborted ? "no news for a while" : e.message);
+    } finally {
+      clearInterval(watchdog);
+    }
+    await sleep(delay);
+    delay = Math.min(delay * 2, 10000);
+  }
+}
+
+function handleEvent(kind, data) {
+  if (kind === "status") renderStatus(data);
+  else if (kind === "job") upsertJob(data);
+  else if (kind === "models") loadModels();
+  else if (kind === "peers") onPeersEvent(data);
+  else if (kind === "usb") renderUsb(data);
+  else if (kind === "degraded" && lastStatus) renderStatus({ ...lastStatus, degraded: data.degraded });
+}
+
+function renderUsb(u) {
+  const line = $("usb-line");
+  if (u.state === "importing") line.textContent = `Reading the USB stick at ${u.path}…`;
+  else {
+    const imported = (u.imported || []).length ? `imported ${u.imported.join(", ")}` : "nothing imported";
+    line.textContent = [`USB stick ${u.root || ""}: ${imported}`, u.failed && `${u.failed} failed`,
+      u.refused && fmtValue(u.refused)].filter(Boolean).join(" · ");
+  }
+  line.hidden = false;
+}
+
+/* ---------- status ---------- */
+
+let lastStatus = null;
+
+function pick(obj, ...paths) {
+  for (const path of paths) {
+    let v = obj;
+    for (const k of path.split(".")) v = v && typeof v === "object" ? v[k] : undefined;
+    if (v !== undefined && v !== null && v !== "" && !(Array.isArray(v) && !v.length)) return v;
+  }
+  return undefined;
+}
+
+function fmtTemperature(t) {
+  if (typeof t === "number") return `${Math.round(t)} °C`;
+  const c = pick(t, "celsius", "c", "current", "max");
+  return typeof c === "number" ? `${Math.round(c)} °C` : fmtValue(t);
+}
+
+function renderStatus(s) {
+  lastStatus = s;
+  $("status-line").textContent = s.line || s.status || "";
+  const rows = [];
+  const add = (label, value, cls) => { if (value !== undefined && value !== "") rows.push([label, value, cls]); };
+  add("State", [s.status, s.reason].filter(Boolean).join(": "), s.status === "ready" ? "ok" : "warn");
+  const model = s.model || {};
+  add("Model", model.name ? [model.name, model.state, model.n_ctx && `context ${model.n_ctx}`]
+    .filter(Boolean).join(" · ") : undefined);
+  const hw = pick(s, "services.hardware") || {};
+  const profile = pick(s, "profile") || hw.profile;
+  if (profile && typeof profile === "object") {
+    add("Board profile", [profile.name || profile.id, profile.reason].filter(Boolean).join(" — "));
+  } else if (profile) add("Board profile", fmtValue(profile));
+  const degraded = s.degraded !== undefined ? s.degraded : hw.degraded;
+  if (Array.isArray(degraded)) {
+    add("Degraded", degraded.length ? degraded.map((d) => (d && typeof d === "object" && d.step && d.reason
+      ? `${d.step}: ${d.reason}` : fmtValue(d))).join(" · ") : "no", degraded.length ? "warn" : "");
+  }
+  const mem = s.memory || {};
+  if (typeof mem.used_percent === "number") {
+    add("Memory", `${Math.round(mem.used_percent)}% of ${fmtBytes(mem.total_bytes)} used · daemon and models `
+      + fmtBytes(mem.daemon_rss_bytes));
+  }
+  const temp = pick(s, "temperature", "temperature_c", "resources.temperature_c",
+    "services.hardware.resources.temperature_c");
+  add("Temperature", temp === undefined ? undefined : fmtTemperature(temp));
+  const throttled = pick(s, "services.hardware.resources.throttled");
+  add("Throttled", throttled === undefined ? undefined : fmtValue(throttled), "warn");
+  if (s.tokens_per_second) add("Last speed", `${s.tokens_per_second} tokens/s`);
+  if (s.requests) add("Requests", `${s.requests.served} served · ${s.requests.active} active · `
+    + `${s.requests.waiting} waiting`);
+  if (s.queue && typeof s.queue === "object") {
+    add("Queue", [`${s.queue.running} running of ${s.queue.slots}`, `${s.queue.waiting} waiting of ${s.queue.depth}`,
+      s.queue.paused && `paused: ${fmtValue(s.queue.paused)}`].filter(Boolean).join(" · "));
+  }
+  const peerCount = pick(s, "services.peers.peers");
+  if (typeof peerCount === "number") add("Peers", `${peerCount} other box${peerCount === 1 ? "" : "es"} heard`);
+  const services = Object.keys(s.services || {});
+  if (services.length) add("Services", services.join(" · "));
+  add("Uptime", fmtDuration(s.uptime_s));
+  add("Version", s.version);
+  const list = $("status-list");
+  list.replaceChildren(...rows.flatMap(([label, value, cls]) =>
+    [el("dt", { text: label }), el("dd", { text: String(value), class: cls || "" })]));
+}
+
+/* ---------- models and imports ---------- */
+
+let models = [];
+const jobs = new Map();
+
+async function loadModels() {
+  try {
+    const body = await call("/api/v1/models");
+    models = body.models || [];
+    renderModels();
+    renderModelChoice();
+  } catch (e) {
+    showBanner("Could not list the models. " + explain(e));
+  }
+}
+
+function renderModels() {
+  $("model-list").replaceChildren(...models.map((m) => {
+    const facts = [fmtBytes(m.size), m.quantization, m.architecture,
+      m.context_length && `context ${m.context_length}`].filter(Boolean).join(" · ");
+    const badges = [m.default && "default", m.loaded && m.loaded !== "no" && `loaded: ${m.loaded}`]
+      .filter(Boolean).join(" · ");
+    return el("li", { class: "card", "data-model": m.name },
+      el("div", { class: "card-head" }, el("strong", { text: m.name }),
+        badges ? el("span", { class: "badge", text: badges }) : null),
+      el("p", { text: facts }),
+      el("p", { class: "muted", text: `from ${m.source || "unknown"}${m.license ? " · " + m.license : ""}` }),
+      el("button", { type: "button", class: "danger", text: "Delete", "aria-label": `Delete ${m.name}`,
+        onclick: () => deleteModel(m.name) }));
+  }));
+}
+
+function confirmAction(title, text) {
+  const dialog = $("confirm-dialog");
+  $("confirm-title").textContent = title;
+  $("confirm-text").textContent = text;
+  return new Promise((resolve) => {
+    const done = (yes) => {
+      $("confirm-form").onsubmit = $("confirm-cancel").onclick = dialog.oncancel = null;
+      if (dialog.open) dialog.close();
+      resolve(yes);
+    };
+    $("confirm-form").onsubmit = (e) => { e.preventDefault(); done(true); };
+    $("confirm-cancel").onclick = () => done(false);
+    dialog.oncancel = (e) => { e.preventDefault(); done(false); };
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+async function deleteModel(name) {
+  if (!await confirmAction(`Delete ${name}?`, "Its file is removed from this box's store. This cannot be undone.")) {
+    return;
+  }
+  try {
+    await call(`/api/v1/models/${encodeURIComponent(name)}`, { method: "DELETE", admin: true });
+    hideBanner();
+  } catch (e) {
+    showBanner(`Could not delete ${name}. ` + explain(e));
+  }
+  loadModels();
+}
+
+async function loadJobs() {
+  try {
+    const body = await call("/api/v1/jobs");
+    for (const job of (body.jobs || []).reverse()) jobs.set(job.id, job);
+    renderJobs();
+  } catch (e) {
+    showBanner("Could not list the imports. " + explain(e));
+  }
+}
+
+function upsertJob(job) {
+  jobs.delete(job.id); // re-insert so the newest sorts first
+  jobs.set(job.id, job);
+  renderJobs();
+}
+
+function renderJobs() {
+  const latest = [...jobs.values()].reverse().slice(0, 20);
+  $("no-jobs").hidden = latest.length > 0;
+  $("job-list").replaceChildren(...latest.map((j) => {
+    const parts = [j.state];
+    if (j.bytes_total) parts.push(`${fmtBytes(j.bytes_done)} of ${fmtBytes(j.bytes_total)}`);
+    if (j.state === "running" && j.rate_bytes_per_s) parts.push(`${fmtBytes(j.rate_bytes_per_s)}/s`);
+    if (j.state === "running" && j.eta_s) parts.push(`${fmtDuration(j.eta_s)} left`);
+    const bar = el("progress", { max: String(j.bytes_total || 1), "aria-label": `${j.model || j.kind} progress` });
+    bar.value = j.state === "done" ? (j.bytes_total || 1) : (j.bytes_done || 0);
+    return el("li", { class: `card job ${j.state}`, "data-job": j.id },
+      el("div", { class: "card-head" }, el("strong", { text: j.model || "model" }),
+        el("span", { class: "badge", text: j.kind })),
+      el("p", { class: "muted", text: `from ${j.source}` }),
+      j.state === "running" || j.state === "done" ? bar : null,
+      el("p", { text: parts.join(" · ") }),
+      j.reason ? el("p", { class: j.state === "failed" ? "bad" : "muted", text: j.reason }) : null);
+  }));
+}
+
+/* ---------- peers: shown only where the daemon has them ---------- */
+
+const peers = { timer: null };
+
+async function loadPeers() {
+  try {
+    const resp = await fetch("/api/v1/peers", { headers: authHeaders(false), cache: "no-store" });
+    if (resp.status === 404) return setPeersShown(false);
+    if (!resp.ok) throw await errorFrom(resp);
+    const body = await resp.json();
+    const list = Array.isArray(body) ? body : body.peers || body.nodes || [];
+    if (body.enabled === false && !list.length) return setPeersShown(false);
+    const self = body.node && typeof body.node === "object" ? body.node : null;
+    $("this-box").textContent = self ? `This box: ${self.name || self.node}${self.fleet ? " · fleet " + self.fleet : ""}`
+      + (body.enabled === false ? " · peers are off in its settings" : "") : "";
+    renderPeers(list);
+  } catch (e) {
+    showBanner("Could not list the peers. " + explain(e));
+  }
+}
+
+function onPeersEvent(data) {
+  const list = Array.isArray(data) ? data : data && (data.peers || data.nodes);
+  if (Array.isArray(list)) return renderPeers(list);
+  clearTimeout(peers.timer); // an event about one peer: fetch the whole list, at most once a second
+  peers.timer = setTimeout(loadPeers, 1000);
+}
+
+function setPeersShown(shown) {
+  document.querySelector('[data-tab="peers"]').hidden = !shown;
+  if (!shown && !$("peers").hidden) showTab("chat");
+}
+
+function renderPeers(list) {
+  setPeersShown(true);
+  $("no-peers").hidden = list.length > 0;
+  $("peer-list").replaceChildren(...list.map((p) => {
+    const name = p.name || p.node_name || p.node_id || p.id || "peer";
+    const where = [p.address || p.host || p.ip, p.port || p.http_port].filter(Boolean).join(":") || p.url;
+    const inventory = p.models || p.inventory || [];
+    const modelNames = Array.isArray(inventory) ? inventory.map((m) => (typeof m === "string" ? m : m.name || m.id))
+      : Object.keys(inventory);
+    const seen = pick(p, "last_seen_s", "age_s");
+    return el("li", { class: "card", "data-peer": name },
+      el("div", { class: "card-head" }, el("strong", { text: name }),
+        p.state || p.status ? el("span", { class: "badge", text: fmtValue(p.state || p.status) }) : null),
+      where ? el("p", { class: "muted", text: where }) : null,
+      el("p", { text: modelNames.length ? "models: " + modelNames.join(", ") : "no models" }),
+      p.load !== undefined ? el("p", { text: "load: " + fmtValue(p.load)
+        + (p.queue !== undefined ? ` · queue ${fmtValue(p.queue)}` : "") }) : null,
+      seen !== undefined ? el("p", { class: "muted", text: `heard ${fmtDuration(seen)} ago` }) : null,
+      p.version ? el("p", { class: "muted", text: "version " + p.version }) : null);
+  }));
+}
+
+/* ---------- chat ---------- */
+
+let conversations = saved.get("conversations", []);
+let current = saved.get("current", null);
+let generation = null; // {ctrl, message} while an answer streams
+
+function conversation() {
+  let c = conversations.find((x) => x.id === current);
+  if (!c) {
+    c = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6), title: "New conversation",
+      model: "", messages: [] };
+    conversations.unshift(c);
+    current = c.id;
+  }
+  return c;
+}
+
+function keep() {
+  saved.set("conversations", conversations.slice(0, 50));
+  saved.set("current", current);
+}
+
+// A readable subset of markdown: fenced code blocks and inline code. Everything else stays plain text.
+function renderText(target, text) {
+  const parts = [];
+  const fence = /```([^\n`]*)\n?([\s\S]*?)(```|$)/g;
+  let at = 0, m;
+  while ((m = fence.exec(text)) !== null) {
+    if (m.index > at) parts.push(inline(text.slice(at, m.index)));
+    const code = el("code", { text: m[2].replace(/\n$/, "") });
+    parts.push(el("pre", { class: "code", "data-lang": m[1].trim() }, code));
+    at = fence.lastIndex;
+  }
+  if (at < text.length) parts.push(inline(text.slice(at)));
+  target.replaceChildren(...parts);
+}
+
+function inline(text) {
+  const p = el("p", { class: "prose" });
+  text.split(/(`[^`\n]+`)/).forEach((piece, i) => {
+    p.append(i % 2 ? el("code", { text: piece.slice(1, -1) }) : document.createTextNode(piece));
+  });
+  return p;
+}
+
+function messageNode(msg) {
+  const body = el("div", { class: "body" });
+  renderText(body, msg.content || "");
+  const label = { user: "You", assistant: "Model", error: "Error" }[msg.role] || msg.role;
+  return el("article", { class: `msg ${msg.role}` }, el("header", { text: label }), body,
+    msg.stats ? el("footer", { text: msg.stats }) : null);
+}
+
+function renderChat() {
+  const c = conversation();
+  $("conversation").replaceChildren(...conversations.map((x) =>
+    el("option", { value: x.id, text: x.title }, null)));
+  $("conversation").value = c.id;
+  $("messages").replaceChildren(...c.messages.map(messageNode));
+  if (!c.messages.length) {
+    $("messages").append(el("p", { class: "muted hint", text: "The built-in model is small and a base model: its "
+      + "answers are short and odd. Import an instruct model for a better assistant." }));
+  }
+  $("messages").scrollTop = $("messages").scrollHeight;
+  renderModelChoice();
+}
+
+function renderModelChoice() {
+  const select = $("model");
+  const c = conversation();
+  const fallback = (models.find((m) => m.default) || models[0] || {}).name;
+  select.replaceChildren(...models.map((m) => el("option", { value: m.name, text: m.name })));
+  select.value = models.some((m) => m.name === c.model) ? c.model : fallback || "";
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("messages").setAttribute("aria-busy", String(busy));
+  if (!busy) $("prompt").focus();
+}
+
+async function send() {
+  const text = $("prompt").value.trim();
+  if (!text || generation) return;
+  const c = conversation();
+  c.model = $("model").value;
+  if (!c.messages.length) c.title = text.slice(0, 40);
+  c.messages.push({ role: "user", content: text });
+  const history = c.messages.filter((m) => m.role === "user" || m.role === "assistant")
+    .map(({ role, content }) => ({ role, content }));
+  const answer = { role: "assistant", content: "" };
+  c.messages.push(answer);
+  $("prompt").value = "";
+  keep();
+  renderChat();
+  const node = $("messages").lastElementChild;
+  const body = node.querySelector(".body");
+  generation = { ctrl: new AbortController() };
+  setBusy(true);
+  const asked = performance.now();
+  let first = 0, last = 0, pieces = 0, usage = null, failed = null, painting = false;
+  const paint = () => {
+    if (painting) return;
+    painting = true;
+    requestAnimationFrame(() => {
+      painting = false;
+      renderText(body, answer.content);
+      $("messages").scrollTop = $("messages").scrollHeight;
+    });
+  };
+  try {
+    const resp = await call("/v1/chat/completions", {
+      method: "POST", raw: true, signal: generation.ctrl.signal,
+      body: { model: c.model || undefined, messages: history, stream: true, max_tokens: MAX_TOKENS,
+        stream_options: { include_usage: true } },
+    });
+    await readEvents(resp.body, (_, data) => {
+      if (data === "[DONE]") return false;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { failed = chunk.error.message; return false; }
+      if (chunk.usage) usage = chunk.usage;
+      const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content;
+      if (piece) {
+        last = performance.now();
+        if (!first) first = last;
+        pieces++;
+        answer.content += piece;
+        paint();
+      }
+      return true;
+    });
+  } catch (e) {
+    if (e.name !== "AbortError") failed = explain(e);
+  }
+  const tokens = usage ? usage.completion_tokens : pieces;
+  // decode speed between the first and last token, as the daemon measures it; whole-request speed if they came at once
+  const rate = tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000)
+    : tokens && last > asked ? tokens / ((last - asked) / 1000) : 0;
+  answer.stats = [`${tokens} tokens`, rate && `${rate.toFixed(1)} tokens/s`,
+    generation.ctrl.signal.aborted && "stopped"].filter(Boolean).join(" · ");
+  if (failed) {
+    c.messages.push({ role: "error", content: failed });
+    showBanner(failed);
+  }
+  if (!answer.content && !generation.ctrl.signal.aborted) c.messages.splice(c.messages.indexOf(answer), 1);
+  $("speed").textContent = rate ? `Last answer: ${rate.toFixed(1)} tokens/s` : "";
+  generation = null;
+  keep();
+  renderChat();
+  setBusy(false);
+}
+
+function stop() {
+  if (generation) generation.ctrl.abort();
+}
+
+/* ---------- tabs and wiring ---------- */
+
+function showTab(name) {
+  for (const tab of document.querySelectorAll(".tab[data-tab]")) {
+    const on = tab.dataset.tab === name;
+    tab.setAttribute("aria-selected", String(on));
+    $(tab.dataset.tab).hidden = !on;
+  }
+  saved.set("tab", name);
+}
+
+function refreshAll() {
+  loadModels();
+  loadJobs();
+  loadPeers();
+}
+
+function wire() {
+  for (const tab of document.querySelectorAll(".tab[data-tab]")) {
+    tab.addEventListener("click", () => showTab(tab.dataset.tab));
+  }
+  $("keys").addEventListener("click", async () => {
+    if (await askKey("api", "The API key this browser sends; admin actions ask for the admin key.")) refreshAll();
+  });
+  $("key-forget").addEventListener("click", () => {
+    localStorage.removeItem("offgrid.apiKey");
+    localStorage.removeItem("offgrid.adminKey");
+    $("key-cancel").click();
+  });
+  $("banner-close").addEventListener("click", hideBanner);
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    if (e.key === "Escape") stop();
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", () => {
+    if (generation) return;
+    current = null;
+    conversation();
+    keep();
+    renderChat();
+    $("prompt").focus();
+  });
+  $("forget-chat").addEventListener("click", () => {
+    if (generation) return;
+    conversations = conversations.filter((x) => x.id !== current);
+    current = conversations.length ? conversations[0].id : null;
+    keep();
+    renderChat();
+  });
+  $("conversation").addEventListener("change", (e) => {
+    if (generation) { e.target.value = current; return; }
+    current = e.target.value;
+    keep();
+    renderChat();
+  });
+  $("model").addEventListener("change", (e) => { conversation().model = e.target.value; keep(); });
+}
+
+wire();
+const tab = saved.get("tab", "chat");
+showTab(tab === "peers" ? "chat" : tab);
+renderChat();
+refreshAll();
+listen();
