@@ -77,22 +77,25 @@ def _base_url(args: argparse.Namespace) -> str:
     return f"http://{host}:{s.port}"
 
 
-def _get_json(url: str, key: str | None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def ask_daemon(args: argparse.Namespace, path: str) -> tuple[int, dict] | None:
+    """GET a native API path from the running daemon; None (after saying so) when it does not answer."""
+    url = _base_url(args)
+    key = _settings(args).api_key
+    req = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.load(resp)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"offgridd is not answering at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url = _base_url(args)
-    try:
-        code, body = _get_json(f"{url}/api/v1/status", _settings(args).api_key)
-    except (urllib.error.URLError, OSError) as e:
-        print(f"offgridd is not answering at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+    if (answer := ask_daemon(args, "/api/v1/status")) is None:
         return 3
+    code, body = answer
     if args.json or args.settings:
         print(json.dumps(body.get("settings") if args.settings else body, indent=2))
         return 0

@@ -27,6 +27,19 @@ BLOCKED_LOOP = re.compile(r"Executing (.*) took (\d+\.\d+) seconds")
 BLOCKED_S = 0.3
 
 
+def wait_for(predicate, timeout: float = 60, what: str = "a condition"):
+    """Poll until `predicate()` is truthy and return its value; a daemon not listening yet counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := predicate():
+                return value
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,23 +13,12 @@ import llama_cpp
 import openai
 import pytest
 from boards import board_tree, set_temperature, write_meminfo
-from conftest import http, private_state, start_daemon
+from conftest import http, private_state, start_daemon, wait_for
 
 from offgridd.store import ModelStore
 
 PI4_2GB_KB = 1891692
 
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def degraded_steps(daemon) -> set[str]:

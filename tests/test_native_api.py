@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.request
 
-from conftest import http, start_daemon
+from conftest import http, private_state, start_daemon
 from gguf_factory import write_gguf
 
 from offgridd.store import ModelStore
@@ -44,10 +42,7 @@ def test_native_models_and_jobs(daemon):
 
 
 def test_deleting_a_model_needs_the_admin_key_when_one_is_set(model_state, tmp_path):
-    state = tmp_path / "state"
-    shutil.copytree(model_state / "models" / "manifests", state / "models" / "manifests")
-    # hard links: no 250 MB copy
-    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)
+    state = private_state(model_state, tmp_path / "state")
     ModelStore(state / "models").import_file(write_gguf(tmp_path / "extra.gguf"), name="extra")
     daemon = start_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_ADMIN_KEY": "owner"})
     try:

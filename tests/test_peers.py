@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import Daemon, http, start_daemon
+from conftest import Daemon, http, private_state, start_daemon, wait_for
 from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,9 +35,7 @@ def udp_port() -> int:
 
 def fleet_state(model_state: Path, root: Path, name: str, key: bytes) -> Path:
     """A state dir holding the built-in model (hard links, no copy) and a node.json with this fleet key."""
-    state = root / name
-    shutil.copytree(model_state / "models" / "manifests", state / "models" / "manifests")
-    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)
+    state = private_state(model_state, root / name)
     save_identity(state, NodeIdentity(node_id=secrets.token_hex(16), name=name, fleet_key=key))
     return state
 
@@ -61,14 +59,6 @@ def peers_of(daemon: Daemon) -> dict:
 def peer_names(daemon: Daemon) -> set[str]:
     return {p["name"] for p in peers_of(daemon)["peers"]}
 
-
-def wait_for(what: str, check, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def big_model(path: Path, megabytes: int) -> Path:
@@ -109,8 +99,8 @@ def test_two_boxes_listing_each_other_find_each_other_and_a_stranger_is_ignored(
     stranger = start_peer(fleet_state(model_state, tmp_path, "stranger", secrets.token_bytes(32)), ports[2],
                           [ports[0], ports[1]])
     try:
-        wait_for("A to see B", lambda: peer_names(a) == {"box-b"})
-        wait_for("B to see A", lambda: peer_names(b) == {"box-a"})
+        wait_for(lambda: peer_names(a) == {"box-b"}, what="A to see B")
+        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A")
         [seen] = peers_of(b)["peers"]
         assert seen["url"] == a.url and seen["models"] == ["gemma3-270m"]
         assert peers_of(a)["node"]["fleet"] == peers_of(b)["node"]["fleet"] != peers_of(stranger)["node"]["fleet"]
@@ -129,7 +119,7 @@ def test_two_boxes_listing_each_other_find_each_other_and_a_stranger_is_ignored(
         assert status == 403 and json.loads(body)["error"]["code"] == "fleet_key_mismatch"
 
         b.stop()
-        wait_for("A to forget B once it is silent", lambda: peer_names(a) == set(), timeout=10)
+        wait_for(lambda: peer_names(a) == set(), timeout=10, what="A to forget B once it is silent")
     finally:
         stop_all(a, b, stranger)
 
@@ -141,7 +131,7 @@ def test_hostile_datagrams_are_dropped_by_reason_and_the_daemon_keeps_serving(mo
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa])
     target = ("127.0.0.1", pa)
     try:
-        wait_for("A to see B", lambda: peer_names(a) == {"box-b"})
+        wait_for(lambda: peer_names(a) == {"box-b"}, what="A to see B")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 
             @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -163,8 +153,8 @@ def test_hostile_datagrams_are_dropped_by_reason_and_the_daemon_keeps_serving(mo
             for data in (crafted(sign_key=bytes(32)), crafted(ts=time.time() - 10 * MAX_SKEW_S), replayed, replayed,
                          crafted(version=99), b"\x00" * 2000, b"\xc1\xc1", crafted(port="eighty")):
                 s.sendto(data, target)
-        wait_for("the crafted datagrams to be counted",
-                 lambda: a.metric("offgridd_peer_datagrams_dropped_total", reason="replay") >= 1)
+        wait_for(lambda: a.metric("offgridd_peer_datagrams_dropped_total", reason="replay") >= 1,
+                 what="the crafted datagrams to be counted")
         for why in ("hmac", "stale", "replay", "version", "oversized", "malformed"):
             assert a.metric("offgridd_peer_datagrams_dropped_total", reason=why) >= 1, why
         assert a.health()[0] == 200
@@ -181,12 +171,12 @@ def test_a_model_imported_on_one_box_appears_on_the_other(model_state, tmp_path)
     a = start_peer(fleet_state(model_state, tmp_path, "box-a", key), pa, [pb], OFFGRID_PEERS_SYNC="off")
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa])
     try:
-        wait_for("B to see A", lambda: peer_names(b) == {"box-a"})
+        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A")
         model = big_model(tmp_path / "field-guide.gguf", 4)
         out = subprocess.run([sys.executable, "-m", "offgridd", "models", "import", str(model), "--state",
                               str(a.state), "--name", "field-guide"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        wait_for("the model to reach B", lambda: "field-guide" in model_names(b))
+        wait_for(lambda: "field-guide" in model_names(b), what="the model to reach B")
         [job] = [j for j in jobs(b) if j["model"] == "field-guide"]
         assert job["kind"] == "peer-pull" and job["state"] == "done" and "box-a" in job["source"]
         ok, actual = ModelStore(b.state / "models").verify("field-guide")
@@ -214,13 +204,13 @@ def test_a_pull_killed_halfway_resumes_from_where_it_stopped_after_either_side_r
     a = start_peer(state_a, pa, [pb], OFFGRID_PEERS_SYNC="off")
     b = start_peer(state_b, pb, [pa], wait=False, **slow)
     try:
-        wait_for("a quarter of the model on B", lambda: partial_size() > size // 4)
+        wait_for(lambda: partial_size() > size // 4, what="a quarter of the model on B")
         b.proc.send_signal(signal.SIGKILL)  # the receiver loses power
         b.proc.wait()
         kept = partial_size()
         assert size // 4 < kept < size
         b = start_peer(state_b, pb, [pa], **slow)
-        wait_for("the pull to resume past the first interruption", lambda: partial_size() > kept + size // 8)
+        wait_for(lambda: partial_size() > kept + size // 8, what="the pull to resume past the first interruption")
         assert b.metric("offgridd_peer_pull_bytes_total", source="partial") == kept
         a.proc.send_signal(signal.SIGKILL)  # now the sender goes away
         a.proc.wait()
@@ -228,7 +218,7 @@ def test_a_pull_killed_halfway_resumes_from_where_it_stopped_after_either_side_r
         second = partial_size()
         assert kept < second < size
         a = start_peer(state_a, pa, [pb], OFFGRID_PEERS_SYNC="off")
-        wait_for("the model to complete on B", lambda: "atlas" in model_names(b), timeout=60)
+        wait_for(lambda: "atlas" in model_names(b), timeout=60, what="the model to complete on B")
         ok, actual = ModelStore(state_b / "models").verify("atlas")
         assert ok and actual == expected
         assert not partial.exists()
@@ -255,7 +245,7 @@ def test_a_peer_serving_bad_bytes_is_caught_by_the_hash_and_nothing_is_kept(mode
     a = start_peer(state_a, pa, [pb], OFFGRID_PEERS_SYNC="off")
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa])
     try:
-        [job] = wait_for("the pull to be refused", lambda: [j for j in jobs(b) if j["state"] == "failed"])
+        [job] = wait_for(lambda: [j for j in jobs(b) if j["state"] == "failed"], what="the pull to be refused")
         assert job["model"] == "map" and "sha256 mismatch" in job["reason"]
         assert "map" not in model_names(b)
         assert not list((b.state / "models" / ".partial").iterdir())
@@ -278,7 +268,7 @@ def test_a_chat_request_for_a_model_only_a_peer_has_is_answered_through_routing(
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa], OFFGRID_PEERS_SYNC="off",
                    OFFGRID_QUEUE_DEPTH="0", OFFGRID_PARALLEL="1")
     try:
-        wait_for("B to know A's models", lambda: any("tutor" in p["models"] for p in peers_of(b)["peers"]))
+        wait_for(lambda: any("tutor" in p["models"] for p in peers_of(b)["peers"]), what="B to know A's models")
         node_a = load_identity(state_a).node_id
         node_b = load_identity(b.state).node_id
         client = OpenAI(base_url=f"{b.url}/v1", api_key="none", max_retries=0)
@@ -346,8 +336,8 @@ def test_boxes_find_each_other_by_multicast_with_no_addresses_configured(model_s
     a = start_peer(fleet_state(model_state, tmp_path, "box-a", key), port, OFFGRID_PEERS_GROUP=group)
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), port, OFFGRID_PEERS_GROUP=group)
     try:
-        wait_for("A to see B", lambda: peer_names(a) == {"box-b"})
-        wait_for("B to see A", lambda: peer_names(b) == {"box-a"})
+        wait_for(lambda: peer_names(a) == {"box-b"}, what="A to see B")
+        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A")
         assert peers_of(a)["node"]["multicast"] == f"{group}:{port}"
     finally:
         stop_all(a, b)
@@ -403,8 +393,8 @@ def test_boxes_on_two_network_stacks_joined_by_a_cable_find_each_other_by_multic
     b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), port, [], "--host", "0.0.0.0",
                    OFFGRID_PEERS_GROUP=group, OFFGRID_PEERS_INTERFACE=here)
     try:
-        wait_for("B to see A across the cable", lambda: peer_names(b) == {"box-a"})
-        wait_for("A to see B across the cable", lambda: peer_names(a) == {"box-b"})
+        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A across the cable")
+        wait_for(lambda: peer_names(a) == {"box-b"}, what="A to see B across the cable")
         [seen] = peers_of(b)["peers"]
         assert seen["address"] == there
         [seen] = peers_of(a)["peers"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import free_port, http, start_daemon
+from conftest import free_port, http, private_state, start_daemon
 from gguf_factory import gguf_bytes, write_gguf
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
@@ -282,10 +282,7 @@ def wait_without_model(daemon, timeout: float = 60) -> None:
 
 
 def _linked_state(model_state: Path, tmp_path: Path) -> Path:
-    state = tmp_path / "state"
-    shutil.copytree(model_state / "models" / "manifests", state / "models" / "manifests")
-    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)
-    return state
+    return private_state(model_state, tmp_path / "state")
 
 
 def test_keys_are_asked_for_and_deleting_a_model_needs_the_admin_key(model_state, tmp_path, open_ui):

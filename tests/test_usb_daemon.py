@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import http, start_daemon
+from conftest import http, private_state, start_daemon, wait_for
 from gguf_factory import gguf_bytes
 from usb_images import big_gguf, entry, ext4_stick, fat_image, fusefat_mount, put, sha256, unmount, write_manifest
 
@@ -24,10 +23,7 @@ TINY = gguf_bytes(arch="llama", tensors=2, elements=4096)
 
 
 def box_state(model_state: Path, tmp_path: Path) -> Path:
-    state = tmp_path / "state"
-    shutil.copytree(model_state / "models" / "manifests", state / "models" / "manifests")
-    shutil.copytree(model_state / "models" / "blobs", state / "models" / "blobs", copy_function=os.link)
-    return state
+    return private_state(model_state, tmp_path / "state")
 
 
 def usb_daemon(model_state, tmp_path, roots: Path, **env):
@@ -39,14 +35,6 @@ def usb_daemon(model_state, tmp_path, roots: Path, **env):
 def jobs(daemon) -> list[dict]:
     return json.loads(http("GET", f"{daemon.url}/api/v1/jobs")[2])["jobs"]
 
-
-def wait_for(predicate, timeout: float = 60, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.1)
-    raise TimeoutError(f"waited {timeout}s for {what}")
 
 
 def job_for(daemon, model: str, state: str | None = None) -> dict | None:
@@ -120,9 +108,10 @@ def test_the_daemon_keeps_serving_while_a_stick_imports_and_when_it_is_pulled_mi
             status, _, body = http("POST", f"{daemon.url}/v1/completions",
                                    {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
             assert status == 200 and json.loads(body)["choices"][0]["text"]
-            still = job_for(daemon, "big")
+            still = wait_for(lambda: (j := job_for(daemon, "big")) and j["bytes_done"] > running["bytes_done"] and j,
+                             what="the import to keep going")
             assert still["state"] == "running", "the import ended before the request: use a slower stick"
-            assert still["bytes_done"] > running["bytes_done"] and still["rate_bytes_per_s"] > 0
+            assert still["rate_bytes_per_s"] > 0
             assert still["eta_s"] is not None and still["bytes_total"] == len(data)
             fusefat.kill()  # the stick is pulled
             fusefat.wait()

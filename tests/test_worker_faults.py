@@ -7,23 +7,15 @@ import json
 import os
 import signal
 import threading
-import time
 from urllib.parse import urlparse
 
 import openai
 import pytest
 from conftest import http as call
+from conftest import wait_for
 
 LONG = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 1500, "temperature": 0}
 
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def worker_pid(daemon) -> int:

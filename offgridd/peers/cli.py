@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    from ..cli import _base_url, _get_json, _settings
+    from ..cli import ask_daemon
 
-    url = _base_url(args)
-    try:
-        code, body = _get_json(f"{url}/api/v1/peers", _settings(args).api_key)
-    except (urllib.error.URLError, OSError) as e:
-        print(f"offgridd is not answering at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+    if (answer := ask_daemon(args, "/api/v1/peers")) is None:
         return 3
+    code, body = answer
     if "error" in body:
         print(f"error {code}: {body['error']['message']}", file=sys.stderr)
         return 1

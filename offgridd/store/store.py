@@ -74,6 +74,25 @@ def file_chunks(path: Path, on_chunk: Callable[[int], None] | None = None) -> It
             yield block
 
 
+def write_hashing(path: Path, chunks: Iterable[bytes], *, mode: str = "xb", digest=None, done: int = 0,
+                  on_progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Write chunks to `path` while hashing them, in one pass, then fsync; returns (sha256 hex, bytes in total).
+
+    `digest` and `done` carry on from bytes already in the file (a resumed download appends with mode "ab").
+    """
+    digest = digest or hashlib.sha256()
+    with open(path, mode) as out:
+        for block in chunks:
+            digest.update(block)
+            out.write(block)
+            done += len(block)
+            if on_progress:
+                on_progress(done)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest(), done
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     for block in file_chunks(path):
@@ -221,16 +240,8 @@ class ModelStore:
             for block in file_chunks(staged):
                 digest.update(block)
                 size += len(block)
-        with open(staged, "ab" if resume else "xb") as out:
-            for block in chunks:
-                digest.update(block)
-                out.write(block)
-                size += len(block)
-                if on_progress:
-                    on_progress(size)
-            out.flush()
-            os.fsync(out.fileno())
-        return digest.hexdigest(), size
+        return write_hashing(staged, chunks, mode="ab" if resume else "xb", digest=digest, done=size,
+                             on_progress=on_progress)
 
     def _commit_blob(self, staged: Path, digest: str) -> None:
         blob = self.blob_path(digest)

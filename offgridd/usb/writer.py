@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..store import GgufError, read_gguf_info
-from ..store.store import CHUNK, valid_name
+from ..store.store import file_chunks, valid_name, write_hashing
 from .stick import FORMAT_VERSION, MANIFEST, MAX_MODELS, StickError, StickModel, parse_manifest
 
 MODELS_DIR = "OFFGRID/models"
@@ -54,22 +53,13 @@ def _existing_models(target: Path) -> list[StickModel]:
 
 
 def _copy_hashing(src: Path, dest: Path, on_progress: Callable[[int], None] | None) -> str:
-    digest, done = hashlib.sha256(), 0
     partial = dest.with_name(dest.name + ".partial")
     try:
-        with open(src, "rb", buffering=0) as fin, open(partial, "wb") as fout:
-            while block := fin.read(CHUNK):
-                digest.update(block)
-                fout.write(block)
-                done += len(block)
-                if on_progress:
-                    on_progress(done)
-            fout.flush()
-            os.fsync(fout.fileno())
+        digest, _ = write_hashing(partial, file_chunks(src), mode="wb", on_progress=on_progress)
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
-    return digest.hexdigest()
+    return digest
 
 
 def write_stick(target: Path, sources: list[ModelSource],
