@@ -338,6 +338,26 @@ class CpuMeter:
         return round(100 * max(other, 0.0) / wall, 1), round(100 * (after[2] - before[2]) / wall, 1)
 
 
+async def wait_quiet(meter: CpuMeter, threshold: float, max_wait: float) -> None:
+    """Wait (up to max_wait s) until other processes use at most `threshold` % of one core."""
+    t0 = time.monotonic()
+    announced = False
+    while True:
+        before = meter.snapshot()
+        await asyncio.sleep(2)
+        foreign, steal = meter.foreign(before, meter.snapshot())
+        if foreign + steal <= threshold:
+            return
+        if time.monotonic() - t0 > max_wait:
+            print(
+                f"[bench] machine still busy ({foreign + steal:.0f}%) after {max_wait:.0f}s; measuring", file=sys.stderr
+            )
+            return
+        if not announced:
+            print(f"[bench] other processes use {foreign + steal:.0f}% of a core; waiting for quiet", file=sys.stderr)
+            announced = True
+
+
 async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list[Sample], list[Sample]]:
     """Interleaved rounds; returns (kept samples, samples of discarded noisy attempts)."""
     timeout = aiohttp.ClientTimeout(total=1800)
@@ -377,6 +397,7 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
 
         for r in range(args.runs):
             for attempt in range(args.max_retries + 1):
+                await wait_quiet(meter, args.noise_threshold, args.quiet_wait)
                 got: list[Sample] = []
                 # single stream A, B; then N concurrent streams A, B
                 for kind in ("single", "concurrent"):
@@ -493,6 +514,7 @@ def parse_args() -> argparse.Namespace:
         help="re-measure a round when other processes (or steal) used more than this %% of one core",
     )
     p.add_argument("--max-retries", type=int, default=3, help="re-measurements per noisy round")
+    p.add_argument("--quiet-wait", type=float, default=900, help="max seconds to wait for a quiet machine per round")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     return p.parse_args()

@@ -75,6 +75,7 @@ class Settings:
     batch: int = 512
     max_loaded_models: int = 1
     gpu_layers: int = 0
+    flash_attn: bool = True  # llama.cpp's flash attention: faster decode on CPU too (llama-server's "auto")
     max_model_bytes: int = 0  # the largest model this board should load; 0 for no bound
     quantizations: list[str] = dataclasses.field(default_factory=lambda: ["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0"])
     parallel: int = 1  # requests handed to the worker at once

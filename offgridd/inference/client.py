@@ -55,6 +55,7 @@ class WorkerConfig:
     batch: int
     start_timeout: float
     gpu_layers: int = 0
+    flash_attn: bool = True
     memory_limit: int = 0  # RLIMIT_AS for the worker process, 0 for none
 
 
@@ -148,6 +149,7 @@ class InferenceWorker:
                 sys.executable, "-m", "offgridd.inference.worker", "--fd", str(theirs.fileno()),
                 "--model-path", str(cfg.path), "--model-name", cfg.name, "--threads", str(cfg.threads),
                 "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--gpu-layers", str(cfg.gpu_layers),
+                "--flash-attn", str(int(cfg.flash_attn)),
                 "--threads-now", str(self.threads), "--memory-limit", str(cfg.memory_limit),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_worker_env(),
             )
@@ -224,6 +226,9 @@ class InferenceWorker:
                     yield msg
                     if finished:
                         return
+                    if msg["op"] == "token":  # the caller has passed it on: the worker may decode the next one
+                        with contextlib.suppress(ConnectionError, RuntimeError, WorkerCrashed):
+                            self._send({"op": "ack", "id": rid})
             finally:
                 if not started:
                     self.waiting -= 1

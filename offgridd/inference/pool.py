@@ -80,7 +80,7 @@ class ModelPool:
         await self.unload(name)
         config = WorkerConfig(
             name=name, path=self.store.path_of(plan.manifest), threads=self.threads, ctx=plan.ctx,
-            batch=self.settings.batch, gpu_layers=self.settings.gpu_layers,
+            batch=self.settings.batch, gpu_layers=self.settings.gpu_layers, flash_attn=self.settings.flash_attn,
             memory_limit=self.settings.worker_memory_limit, start_timeout=self.settings.worker_start_timeout,
         )
         worker = self.workers[name] = InferenceWorker(config, on_restart=self._restarted,

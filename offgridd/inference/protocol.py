@@ -4,6 +4,8 @@ Daemon -> worker:
   {"op": "generate", "id": int, "prompt": str | None, "messages": list | None, "params": {...}}
   {"op": "embed", "id": int, "input": [str, ...]}
   {"op": "cancel", "id": int}
+  {"op": "ack", "id": int}                                     the token frame before this was passed on
+  {"op": "threads", "id": 0, "n": int}                         use n threads from the next decode step
 Worker -> daemon:
   {"op": "ready", "model": str, "n_ctx": int, "pid": int, "version": 1}
   {"op": "start", "id": int, "prompt_tokens": int}            generation began (the queue wait is over)
@@ -17,9 +19,10 @@ Worker -> daemon:
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
-import threading
+import time
 
 import msgpack
 
@@ -57,28 +60,36 @@ async def read_frame(reader: asyncio.StreamReader) -> dict:
     return decode(await reader.readexactly(n))
 
 
+TIMED_OUT = {"op": "timed-out"}  # what BlockingChannel.receive returns when no frame came in time
+
+
 class BlockingChannel:
-    """The worker's end: blocking reads on one thread, locked writes from any thread."""
+    """The worker's end of the socket, used from its one thread."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._file = sock.makefile("rb")
-        self._lock = threading.Lock()
+        self._buffer = bytearray()
 
     def send(self, obj: dict) -> None:
-        data = encode(obj)
-        with self._lock:
-            self.sock.sendall(data)
+        self.sock.sendall(encode(obj))
 
-    def receive(self) -> dict | None:
-        """The next frame, or None when the daemon has gone away."""
-        head = self._file.read(_LEN.size)
-        if len(head) < _LEN.size:
-            return None
-        (n,) = _LEN.unpack(head)
-        if n > MAX_FRAME:
-            raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-        body = self._file.read(n)
-        if len(body) < n:
-            return None
-        return decode(body)
+    def receive(self, timeout: float | None = None) -> dict | None:
+        """The next frame; None when the daemon has gone away; TIMED_OUT when `timeout` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if len(self._buffer) >= _LEN.size:
+                (n,) = _LEN.unpack_from(self._buffer)
+                if n > MAX_FRAME:
+                    raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+                if len(self._buffer) >= _LEN.size + n:
+                    body = bytes(self._buffer[_LEN.size:_LEN.size + n])
+                    del self._buffer[:_LEN.size + n]
+                    return decode(body)
+            if deadline is not None:
+                readable, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
+                if not readable:
+                    return TIMED_OUT
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self._buffer += data

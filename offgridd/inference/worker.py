@@ -1,8 +1,8 @@
 """The inference worker: a child process that owns one llama.cpp model and runs requests one at a time.
 
-Started by the daemon as `python -m offgridd.inference.worker --fd N ...` with one end of a socketpair. A reader
-thread takes frames off the socket (so cancels arrive while a generation runs); the main thread generates and
-checks for a cancel between tokens. If the daemon goes away, the worker exits.
+Started by the daemon as `python -m offgridd.inference.worker --fd N ...` with one end of a socketpair. One thread:
+after each token it reads the socket until the daemon's ack, so cancels, thread changes and new requests are taken
+in between tokens. If the daemon goes away, the worker exits.
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import codecs
 import ctypes
 import logging
 import os
-import queue
 import random
 import resource
 import signal
 import socket
 import sys
-import threading
+from collections import deque
 
 from .prompts import ChatPrompt, render_template, render_transcript
-from .protocol import VERSION, BlockingChannel
+from .protocol import TIMED_OUT, VERSION, BlockingChannel, FrameError
 
 log = logging.getLogger("offgridd.worker")
 
+ACK_WAIT_S = 0.05
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -79,7 +79,7 @@ class Worker:
         self.args = args
         self.llm = Llama(
             model_path=args.model_path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
-            n_batch=args.batch, n_gpu_layers=args.gpu_layers, verbose=False,
+            n_batch=args.batch, n_gpu_layers=args.gpu_layers, flash_attn=bool(args.flash_attn), verbose=False,
         )
         if args.threads_now != args.threads:
             self.set_threads(args.threads_now)
@@ -90,7 +90,7 @@ class Worker:
         self.bos = self._token_text(self.llm.token_bos())
         self.eos = self._token_text(self.llm.token_eos())
         self.cancelled: set[int] = set()
-        self.inbox: queue.Queue[dict | None] = queue.Queue()
+        self.inbox: deque[dict] = deque()  # requests not started yet, in order
         self.closed = False
 
     def set_threads(self, n: int) -> None:
@@ -105,25 +105,41 @@ class Worker:
             return ""
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
-    def read_loop(self) -> None:
-        try:
-            while (frame := self.channel.receive()) is not None:
-                if frame["op"] == "cancel":
-                    self.cancelled.add(frame["id"])
-                elif frame["op"] == "threads":
-                    self.set_threads(int(frame["n"]))
-                else:
-                    self.inbox.put(frame)
-        except Exception as e:  # a broken daemon end: the worker has no one to serve
-            log.error("worker channel failed: %s", e)
-        self.closed = True
-        self.inbox.put(None)
+    def pump(self, timeout: float | None, until_ack: bool = False) -> None:
+        """Take frames off the socket: cancels and thread changes at once, requests into the inbox.
+
+        Returns at the daemon's ack (until_ack), once a request is waiting, at the timeout, or when the daemon left.
+        """
+        while not self.closed:
+            try:
+                frame = self.channel.receive(timeout)
+            except (OSError, FrameError) as e:  # a broken daemon end: the worker has no one to serve
+                log.error("worker channel failed: %s", e)
+                frame = None
+            if frame is None:
+                self.closed = True
+            elif frame is TIMED_OUT:
+                return
+            elif frame["op"] == "ack":
+                if until_ack:
+                    return
+            elif frame["op"] == "cancel":
+                self.cancelled.add(frame["id"])
+            elif frame["op"] == "threads":
+                self.set_threads(int(frame["n"]))
+            else:
+                self.inbox.append(frame)
+                if not until_ack:
+                    return
 
     def serve(self) -> None:
         self.channel.send({"op": "ready", "version": VERSION, "model": self.args.model_name, "n_ctx": self.n_ctx,
                            "pid": os.getpid(), "chat_template": bool(self.template)})
-        threading.Thread(target=self.read_loop, name="frames", daemon=True).start()
-        while (frame := self.inbox.get()) is not None:
+        while not self.closed:
+            if not self.inbox:
+                self.pump(None)
+                continue
+            frame = self.inbox.popleft()
             rid = frame.get("id", 0)
             try:
                 if rid in self.cancelled:
@@ -190,6 +206,10 @@ class Worker:
                 lead = not piece
             if piece:
                 self.channel.send({"op": "token", "id": rid, "text": piece, "n": produced})
+                # wait for the daemon to pass the token on: its work then runs between decode steps, not during
+                # one, where on a small board it would stall llama.cpp's spinning threads (a slow daemon costs
+                # at most ACK_WAIT_S); cancels arrive here too
+                self.pump(ACK_WAIT_S, until_ack=True)
             if hit:
                 finish = "stop"
                 break
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, required=True)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--flash-attn", type=int, default=1)
     parser.add_argument("--threads-now", type=int, default=0, help="threads to use now (lowered when hot)")
     parser.add_argument("--memory-limit", type=int, default=0, help="address-space limit in bytes")
     args = parser.parse_args(argv)
