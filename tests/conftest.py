@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +59,28 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+class EventLog(threading.Thread):
+    """Reads /api/v1/events in the background, as the UI does."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.events = url, []
+        self.start()
+
+    def run(self) -> None:
+        with urllib.request.urlopen(f"{self.url}/api/v1/events", timeout=120) as resp:
+            kind = None
+            for raw in resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    self.events.append((kind, json.loads(line[6:])))
+
+    def of(self, kind: str) -> list[dict]:
+        return [data for k, data in list(self.events) if k == kind]
 
 
 @dataclass

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
-from conftest import http, private_state, start_daemon
+from conftest import EventLog, http, private_state, start_daemon, wait_for
 from gguf_factory import write_gguf
 
 from offgridd.store import ModelStore
 
 
-def read_events(url: str, count: int) -> list[tuple[str, dict]]:
-    out = []
-    with urllib.request.urlopen(f"{url}/api/v1/events", timeout=30) as resp:
-        kind = None
-        for raw in resp:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                out.append((kind, json.loads(line[6:])))
-                if len(out) == count:
-                    return out
-    return out
-
-
 def test_events_stream_starts_with_a_status_snapshot(daemon):
-    [(kind, status)] = read_events(daemon.url, 1)
+    events = EventLog(daemon.url)
+    wait_for(lambda: events.events, what="the first event")
+    kind, status = events.events[0]
     assert kind == "status"
     assert status["status"] == "ready" and status["line"].startswith("serving")
 

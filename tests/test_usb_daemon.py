@@ -8,12 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import http, private_state, start_daemon, wait_for
+from conftest import EventLog, http, private_state, start_daemon, wait_for
 from gguf_factory import gguf_bytes
 from usb_images import big_gguf, entry, ext4_stick, fat_image, fusefat_mount, put, sha256, unmount, write_manifest
 
@@ -44,28 +42,6 @@ def job_for(daemon, model: str, state: str | None = None) -> dict | None:
 def assert_clean(daemon) -> None:
     assert daemon.blocked_loop_reports() == []
     assert list((daemon.state / "models" / ".staging").iterdir()) == []
-
-
-class EventLog(threading.Thread):
-    """Reads /api/v1/events in the background, as the UI does."""
-
-    def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.events = url, []
-        self.start()
-
-    def run(self) -> None:
-        with urllib.request.urlopen(f"{self.url}/api/v1/events", timeout=120) as resp:
-            kind = None
-            for raw in resp:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    self.events.append((kind, json.loads(line[6:])))
-
-    def of(self, kind: str) -> list[dict]:
-        return [data for k, data in list(self.events) if k == kind]
 
 
 def test_a_stick_plugged_in_before_start_up_is_imported(model_state, tmp_path):
