@@ -9,6 +9,7 @@ from typing import Protocol
 
 from .db import Database
 from .events import EventBus
+from .hardware.profiles import Detection
 from .inference import ModelPool
 from .inference.admission import Admission
 from .jobs import JobBoard
@@ -39,12 +40,12 @@ class Runtime:
     metrics: Metrics
     db: Database
     admission: Admission
-    detection: object = None  # hardware.profiles.Detection: the board profile and why it was chosen
+    detection: Detection | None = None  # the board profile and why it was chosen
     bus: EventBus = field(default_factory=EventBus)
-    jobs: JobBoard = None  # type: ignore[assignment]  # built from db and bus in __post_init__
+    jobs: JobBoard = field(init=False)
     services: list[Service] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
-    phase: str = "starting"  # starting | loading | ready | stopping
+    phase: str = "starting"  # starting | loading | ready | unavailable (no model can be served) | stopping
     reason: str = ""  # why the phase is not ready, in words a person can act on
     served: int = 0  # inference requests completed
     active: int = 0  # inference requests in progress; change it through begin_request/end_request
@@ -54,8 +55,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.idle.set()
-        if self.jobs is None:
-            self.jobs = JobBoard(self.db, self.bus)
+        self.jobs = JobBoard(self.db, self.bus)
 
     def begin_request(self) -> None:
         self.active += 1

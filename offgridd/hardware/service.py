@@ -105,7 +105,7 @@ class HardwareService:
 
     def led_pattern(self) -> str:
         rt = self.rt
-        if rt.phase in ("unavailable", "failed"):
+        if rt.phase == "unavailable":
             return "error"
         if rt.phase in ("starting", "loading", "stopping"):
             return "starting"
