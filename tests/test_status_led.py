@@ -38,11 +38,12 @@ def test_each_state_has_its_own_pattern_on_the_pin(factory):
         assert pin.state is True  # steady on
         fast = half_periods(pin, led, "generating", 1.0)
         slow = half_periods(pin, led, "starting", 2.2)
-        assert len(fast) >= 6 and all(0.05 < t < 0.2 for t in fast)  # 0.1 s on, 0.1 s off
-        assert len(slow) >= 2 and all(0.4 < t < 0.7 for t in slow)  # 0.5 s on, 0.5 s off
+        # gpiozero's blink thread may run late on a busy machine: bounds wide enough for that, still far apart
+        assert len(fast) >= 4 and all(0.05 < t < 0.3 for t in fast)  # 0.1 s on, 0.1 s off
+        assert len(slow) >= 2 and all(0.4 < t < 0.8 for t in slow)  # 0.5 s on, 0.5 s off
         importing = half_periods(pin, led, "importing", 2.2)
         on, off = sorted(importing[:2])
-        assert 0.15 < on < 0.4 and 0.6 < off < 0.95  # 0.25 s on, 0.75 s off
+        assert 0.15 < on < 0.5 and 0.6 < off < 1.0  # 0.25 s on, 0.75 s off
         led.set("starting")  # the same pattern again must not restart the blink
         assert led.pattern == "starting"
     finally:
