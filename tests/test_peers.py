@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from boards import board_tree
 from conftest import Daemon, http, private_state, start_daemon, wait_for
 from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
@@ -307,6 +308,24 @@ def test_a_chat_request_for_a_model_only_a_peer_has_is_answered_through_routing(
         status, headers, _ = http("POST", f"{a.url}/v1/chat/completions", {"model": "nobody-has-this",
                                   "messages": messages}, headers={"X-Offgrid-Hop": node_b})
         assert status == 404
+    finally:
+        stop_all(a, b)
+
+
+def test_a_box_without_memory_for_the_model_passes_requests_to_a_peer_that_has_room(model_state, tmp_path):
+    key = secrets.token_bytes(32)
+    pa, pb = udp_port(), udp_port()
+    a = start_peer(fleet_state(model_state, tmp_path, "box-a", key), pa, [pb], OFFGRID_PEERS_SYNC="off")
+    tight = board_tree(tmp_path / "root-b", "pi4-2gb", available_fraction=0.1)  # ~185 MB free: nothing fits
+    b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa], wait=False,
+                   OFFGRID_PEERS_SYNC="off", OFFGRID_HARDWARE_ROOT=str(tight))
+    try:
+        wait_for(lambda: b.health()[1]["status"] == "unavailable", what="B to find no model fits")
+        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A")
+        status, headers, body = http("POST", f"{b.url}/v1/completions",
+                                     {"model": "gemma3-270m", "prompt": "The sea is", "max_tokens": 4})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] > 0
+        assert headers["X-Offgrid-Node"] == load_identity(a.state).node_id
     finally:
         stop_all(a, b)
 

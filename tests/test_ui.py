@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from boards import board_tree
 from conftest import free_port, http, private_state, start_daemon
 from gguf_factory import gguf_bytes, write_gguf
 
@@ -324,9 +325,9 @@ def test_keys_are_asked_for_and_deleting_a_model_needs_the_admin_key(model_state
 def test_a_box_that_cannot_answer_says_why_and_the_page_reconnects_after_a_restart(model_state, tmp_path, open_ui):
     state = _linked_state(model_state, tmp_path)
     port = free_port()
-    # A default model that is not in the store: the daemon serves without one and answers chat with 503.
-    args = ("--model", "missing")
-    daemon = start_daemon(state, tmp_path / "daemon.log", *args, port=port)
+    # A board with too little memory for any model: the daemon serves without one and answers chat with 503.
+    env = {"OFFGRID_HARDWARE_ROOT": str(board_tree(tmp_path / "root", "pi4-2gb", available_fraction=0.1))}
+    daemon = start_daemon(state, tmp_path / "daemon.log", port=port, env=env)
     try:
         wait_without_model(daemon)
         visit = open_ui(daemon.url, viewport=PHONE)
@@ -334,14 +335,14 @@ def test_a_box_that_cannot_answer_says_why_and_the_page_reconnects_after_a_resta
         visit.send("hello")
         visit.page.wait_for_selector(".msg.error")
         assert "cannot answer now" in visit.page.inner_text(".msg.error")
-        assert "missing" in visit.page.inner_text("#banner-text")
+        assert "smaller quantization" in visit.page.inner_text("#banner-text")
         visit.tab("status")
         assert "unavailable" in visit.page.inner_text("#status-list")
 
         daemon.stop()
         visit.page.wait_for_selector("#link.down", timeout=15_000)
         assert "Connection to the appliance lost" in visit.page.inner_text("#banner-text")
-        daemon = start_daemon(state, tmp_path / "daemon2.log", *args, port=port)
+        daemon = start_daemon(state, tmp_path / "daemon2.log", port=port, env=env)
         visit.page.wait_for_selector("#link.up", timeout=60_000)
         assert not visit.page.is_visible("#banner")
         expected = ("status of 503", "ERR_CONNECTION_REFUSED", "ERR_EMPTY_RESPONSE", "ERR_CONNECTION_RESET",

@@ -34,10 +34,12 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
-def _admit(rt: Runtime) -> None:
-    """Refuse while no model is ready; as Overloaded, so a peer that has one may take the request."""
-    if not rt.ready:
-        raise Overloaded(f"the appliance is {rt.phase}: {rt.reason or 'no model is ready yet'}", retry_after=5)
+def _admit(rt: Runtime, model: str) -> str:
+    """The model to serve; refused (as Overloaded, so a peer may take it) while starting, stopping, or while the
+    default model cannot be served and the request asks for it."""
+    if rt.ready or (rt.phase == "unavailable" and model != rt.settings.model):
+        return model
+    raise Overloaded(f"the appliance is {rt.phase}: {rt.reason or 'no model is ready yet'}", retry_after=5)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -72,9 +74,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     model, inputs, as_base64 = parse_embeddings(await read_json(request))
-    _admit(rt)
+    name = _admit(rt, model or rt.settings.model)
     async with rt.admission.ticket():
-        worker = await rt.pool.worker_for(model or rt.settings.model)
+        worker = await rt.pool.worker_for(name)
         name = worker.config.name
         rt.begin_request()
         try:
@@ -125,9 +127,9 @@ async def _tracked(rt: Runtime, name: str, frames: AsyncIterator[dict]) -> Async
 
 async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    _admit(rt)
+    name = _admit(rt, req.model or rt.settings.model)
     async with rt.admission.ticket():
-        worker = await rt.pool.worker_for(req.model or rt.settings.model)
+        worker = await rt.pool.worker_for(name)
         return await _answer(request, req, chat, worker)
 
 

@@ -35,7 +35,8 @@ class InferenceError(Exception):
 
 
 class Overloaded(InferenceError):
-    """The queue is full or the appliance is shedding load; a peer may take the request instead."""
+    """This node cannot take the request now (queue full, too hot, no memory for the model, not ready); a peer
+    that has the model may take it instead."""
 
     def __init__(self, message: str, retry_after: float = 5):
         super().__init__(503, message, retry_after=retry_after)

@@ -14,7 +14,7 @@ from ..hardware.fit import LoadPlan, NoFit, plan_load
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import ModelStore
-from .client import InferenceError, InferenceWorker, WorkerConfig
+from .client import InferenceError, InferenceWorker, Overloaded, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ModelPool:
     async def worker_for(self, name: str) -> InferenceWorker:
         """The worker serving `name` (or the model chosen in its place), started if needed.
 
-        Raises UnknownModel for a name not in the store, InferenceError(503) when nothing fits.
+        Raises UnknownModel for a name not in the store, Overloaded (503, a peer may serve it) when nothing fits.
         """
         loop = asyncio.get_running_loop()
         requested = await loop.run_in_executor(None, self.store.get, name)
@@ -56,7 +56,7 @@ class ModelPool:
                     plan = await loop.run_in_executor(None, self._plan, requested)
                 except NoFit as e:
                     self.notes[name] = str(e)
-                    raise InferenceError(503, str(e), retry_after=60) from None
+                    raise Overloaded(str(e), retry_after=60) from None
                 worker = self.workers.get(plan.manifest.name)
                 if worker is not None and worker.state != "failed":
                     return worker
