@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +170,9 @@ def model_state(tmp_path_factory) -> Path:
     return state
 
 
-def _run_daemon(state: Path, log: Path, *args: str, **kwargs):
+@contextlib.contextmanager
+def running_daemon(state: Path, log: Path, *args: str, **kwargs) -> Iterator[Daemon]:
+    """A daemon that is ready inside the block and stopped after it; fails the test if its event loop was blocked."""
     daemon = start_daemon(state, log, *args, **kwargs)
     try:
         daemon.wait_ready()
@@ -177,6 +181,11 @@ def _run_daemon(state: Path, log: Path, *args: str, **kwargs):
         daemon.stop()
     blocked = daemon.blocked_loop_reports()
     assert not blocked, f"the daemon's event loop was blocked: {blocked}"
+
+
+def _run_daemon(state: Path, log: Path, *args: str, **kwargs):
+    with running_daemon(state, log, *args, **kwargs) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="session")

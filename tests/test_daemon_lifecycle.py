@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import free_port, http, start_daemon
+from conftest import free_port, http, running_daemon, start_daemon
 
 
 def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -35,7 +35,6 @@ def test_first_start_answers_503_until_the_builtin_model_is_registered_and_loade
         assert [m["id"] for m in models] == ["gemma3-270m"]
     finally:
         assert daemon.stop() == 0
-    assert not daemon.blocked_loop_reports()
 
 
 def test_a_configured_model_missing_from_the_store_leaves_the_daemon_up_with_a_reason(model_state, tmp_path):
@@ -79,13 +78,9 @@ def test_terminal_chat_streams_an_answer(daemon):
 
 
 def test_api_key_when_configured_guards_the_api_but_not_health(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log", env={"OFFGRID_API_KEY": "lan-secret"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log", env={"OFFGRID_API_KEY": "lan-secret"}) as daemon:
         code, _, raw = http("GET", f"{daemon.url}/v1/models")
         assert code == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
         code, _, _ = http("GET", f"{daemon.url}/v1/models", headers={"Authorization": "Bearer lan-secret"})
         assert code == 200
         assert daemon.health()[0] == 200
-    finally:
-        daemon.stop()

@@ -13,7 +13,7 @@ import llama_cpp
 import openai
 import pytest
 from boards import board_tree, set_temperature, write_meminfo
-from conftest import http, private_state, start_daemon, wait_for
+from conftest import http, private_state, running_daemon, start_daemon, wait_for
 
 from offgridd.store import ModelStore
 
@@ -35,15 +35,10 @@ def complete(daemon, model="gemma3-270m", max_tokens=4) -> tuple[int, dict, dict
 def pi4(model_state, tmp_path):
     """A daemon that believes it runs on a Raspberry Pi 4 with 2 GB, sampling its fixture tree often."""
     root = board_tree(tmp_path / "root", "pi4-2gb", available_fraction=0.6)
-    daemon = start_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
-                          board_settings=True, env={"OFFGRID_HARDWARE_ROOT": str(root), "OFFGRID_THREADS": "2",
-                                                    "OFFGRID_HARDWARE_SAMPLE_SECONDS": "0.3"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
+                        board_settings=True, env={"OFFGRID_HARDWARE_ROOT": str(root), "OFFGRID_THREADS": "2",
+                                                  "OFFGRID_HARDWARE_SAMPLE_SECONDS": "0.3"}) as daemon:
         yield daemon, root
-    finally:
-        daemon.stop()
-    assert not daemon.blocked_loop_reports()
 
 
 def test_a_pi4_2gb_gets_its_profile_and_a_short_context(pi4):
@@ -128,10 +123,8 @@ def test_a_memory_limit_that_a_model_cannot_load_under_falls_back_to_one_that_ca
     state = private_state(model_state, tmp_path / "state")
     ModelStore(state / "models").import_file(f16_model, name="gemma3-270m-f16")
     # measured: a worker peaks near 1.71 GB of address space with the Q4_K_M model, near 1.98 GB with F16
-    daemon = start_daemon(state, tmp_path / "daemon.log", "--model", "gemma3-270m-f16",
-                          env={"OFFGRID_WORKER_MEMORY_LIMIT": str(1_850_000_000)})
-    try:
-        daemon.wait_ready()
+    with running_daemon(state, tmp_path / "daemon.log", "--model", "gemma3-270m-f16",
+                        env={"OFFGRID_WORKER_MEMORY_LIMIT": str(1_850_000_000)}) as daemon:
         health = daemon.health()[1]
         bad = [d for d in health["degraded"] if d["step"] == "model-bad"]
         assert [d["model"] for d in bad] == ["gemma3-270m-f16"] and "failed to load" in bad[0]["reason"]
@@ -139,17 +132,13 @@ def test_a_memory_limit_that_a_model_cannot_load_under_falls_back_to_one_that_ca
         assert "serving gemma3-270m instead" in substituted[0]["reason"]
         status, _, body = complete(daemon, model="gemma3-270m-f16")
         assert status == 200 and body["model"] == "gemma3-270m"
-    finally:
-        daemon.stop()
 
 
 def test_a_model_whose_worker_keeps_crashing_is_marked_bad_and_the_next_one_serves(model_state, tmp_path):
     state = private_state(model_state, tmp_path / "state")
     store = ModelStore(state / "models")
     store.import_file(store.path_of(store.get("gemma3-270m")), name="gemma-spare")
-    daemon = start_daemon(state, tmp_path / "daemon.log")
-    try:
-        daemon.wait_ready()
+    with running_daemon(state, tmp_path / "daemon.log") as daemon:
         for crash in range(3):
             pid = wait_for(lambda: (h := daemon.health()[1])["model"]["state"] == "ready" and h["model"]["pid"],
                            what="worker ready")
@@ -161,15 +150,11 @@ def test_a_model_whose_worker_keeps_crashing_is_marked_bad_and_the_next_one_serv
         assert status == 200 and body["model"] == "gemma-spare"
         reasons = [d["reason"] for d in daemon.health()[1]["degraded"] if d["step"] == "model-bad"]
         assert "crashed 3 times" in reasons[0]
-    finally:
-        daemon.stop()
 
 
 def test_a_burst_past_the_queue_gets_503_with_retry_after_and_never_500(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log",
-                          env={"OFFGRID_PARALLEL": "1", "OFFGRID_QUEUE_DEPTH": "2"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log",
+                        env={"OFFGRID_PARALLEL": "1", "OFFGRID_QUEUE_DEPTH": "2"}) as daemon:
         results = []
 
         def one():
@@ -186,19 +171,13 @@ def test_a_burst_past_the_queue_gets_503_with_retry_after_and_never_500(model_st
         assert statuses.count(200) >= 3 and statuses.count(503) >= 1
         assert all(retry for s, retry in results if s == 503)
         assert daemon.metric("offgridd_admission_rejected_total", reason="queue_full") == statuses.count(503)
-    finally:
-        daemon.stop()
 
 
 def test_an_idle_model_is_unloaded_after_keep_alive_and_loaded_again_on_demand(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log",
-                          env={"OFFGRID_KEEP_ALIVE": "1", "OFFGRID_HARDWARE_SAMPLE_SECONDS": "0.3"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log",
+                        env={"OFFGRID_KEEP_ALIVE": "1", "OFFGRID_HARDWARE_SAMPLE_SECONDS": "0.3"}) as daemon:
         wait_for(lambda: daemon.health()[1]["loaded"] == {}, what="keep_alive unload")
         client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0)
         r = client.completions.create(model="gemma3-270m", prompt="Hello", max_tokens=4)
         assert r.usage.completion_tokens > 0
         assert daemon.health()[1]["loaded"] == {"gemma3-270m": "ready"}
-    finally:
-        daemon.stop()

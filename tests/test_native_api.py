@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import EventLog, http, private_state, start_daemon, wait_for
+from conftest import EventLog, http, private_state, running_daemon, wait_for
 from gguf_factory import write_gguf
 
 from offgridd.store import ModelStore
@@ -30,9 +30,7 @@ def test_native_models_and_jobs(daemon):
 def test_deleting_a_model_needs_the_admin_key_when_one_is_set(model_state, tmp_path):
     state = private_state(model_state, tmp_path / "state")
     ModelStore(state / "models").import_file(write_gguf(tmp_path / "extra.gguf"), name="extra")
-    daemon = start_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_ADMIN_KEY": "owner"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_ADMIN_KEY": "owner"}) as daemon:
         status, _, body = http("DELETE", f"{daemon.url}/api/v1/models/extra")
         assert status == 403 and json.loads(body)["error"]["code"] == "admin_key_required"
         status, _, body = http("DELETE", f"{daemon.url}/api/v1/models/extra",
@@ -40,5 +38,3 @@ def test_deleting_a_model_needs_the_admin_key_when_one_is_set(model_state, tmp_p
         assert status == 200 and json.loads(body) == {"removed": "extra"}
         ids = [m["id"] for m in json.loads(http("GET", f"{daemon.url}/v1/models")[2])["data"]]
         assert ids == ["gemma3-270m"]
-    finally:
-        daemon.stop()

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import start_daemon
+from conftest import running_daemon
 from gpiozero.pins.mock import MockFactory
 
 from offgridd.hardware.led import PATTERNS, open_gpio
@@ -68,25 +68,17 @@ def test_a_long_press_runs_the_action_and_a_short_one_does_not(factory):
 
 
 def test_without_gpio_the_daemon_runs_and_says_so(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log",
-                          env={"OFFGRID_HARDWARE_LED_PIN": "17", "GPIOZERO_PIN_FACTORY": "nosuchfactory"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log",
+                        env={"OFFGRID_HARDWARE_LED_PIN": "17", "GPIOZERO_PIN_FACTORY": "nosuchfactory"}) as daemon:
         hardware = daemon.health()[1]["services"]["hardware"]
         assert hardware["led"] is None and "no usable GPIO" in hardware["gpio"]
-    finally:
-        daemon.stop()
     assert daemon.log.read_text().count("no usable GPIO") == 1
 
 
 def test_the_daemon_drives_the_led_through_the_mock_pin_factory(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log",
-                          env={"OFFGRID_HARDWARE_LED_PIN": "17", "OFFGRID_HARDWARE_BUTTON_PIN": "27",
-                               "GPIOZERO_PIN_FACTORY": "mock"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log",
+                        env={"OFFGRID_HARDWARE_LED_PIN": "17", "OFFGRID_HARDWARE_BUTTON_PIN": "27",
+                             "GPIOZERO_PIN_FACTORY": "mock"}) as daemon:
         time.sleep(0.5)
         hardware = daemon.health()[1]["services"]["hardware"]
         assert hardware["gpio"] == "ok" and hardware["led"] == "ready"
-    finally:
-        daemon.stop()

@@ -10,7 +10,7 @@ import time
 
 import openai
 import pytest
-from conftest import http, start_daemon
+from conftest import http, running_daemon, start_daemon
 
 
 class NotifyListener:
@@ -116,9 +116,7 @@ def test_sigterm_drains_an_in_flight_stream_and_refuses_new_work(notified):
 
 
 def test_drain_is_bounded_and_ends_streams_that_run_past_it(model_state, tmp_path):
-    daemon = start_daemon(model_state, tmp_path / "daemon.log", env={"OFFGRID_DRAIN_SECONDS": "1"})
-    try:
-        daemon.wait_ready()
+    with running_daemon(model_state, tmp_path / "daemon.log", env={"OFFGRID_DRAIN_SECONDS": "1"}) as daemon:
         client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0)
         stream = client.completions.create(model="gemma3-270m", prompt="1, 2, 3, 4, 5,", max_tokens=1800,
                                            temperature=0, stream=True)
@@ -128,5 +126,3 @@ def test_drain_is_bounded_and_ends_streams_that_run_past_it(model_state, tmp_pat
         with pytest.raises(openai.APIConnectionError):  # cut off: no [DONE] ever came
             for _ in stream:
                 pass
-    finally:
-        daemon.stop()

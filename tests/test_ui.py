@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from boards import board_tree
-from conftest import free_port, http, private_state, start_daemon
+from conftest import free_port, http, private_state, running_daemon, start_daemon
 from gguf_factory import gguf_bytes, write_gguf
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
@@ -154,17 +154,25 @@ def test_a_chat_streams_the_models_answer_token_by_token_and_shows_its_speed(dae
     visit = open_ui(daemon.url)
     visit.page.wait_for_selector("#link.up")
     # Record the answer's length each time the page paints it: streaming shows up as several growing lengths.
-    visit.page.evaluate("""() => { window.lengths = [];
+    visit.page.evaluate("""() => { window.lengths = []; window.stopShown = false;
         new MutationObserver(() => { const b = document.querySelector('.msg.assistant:last-of-type .body');
-            if (b) window.lengths.push(b.textContent.length); })
+            if (b) window.lengths.push(b.textContent.length);
+            if (document.getElementById('stop').offsetParent !== null) window.stopShown = true; })
         .observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true}); }""")
-    visit.send("Write a short story about a dragon.")
-    visit.page.wait_for_selector("#stop", state="visible")
-    visit.page.wait_for_selector(".msg.assistant footer", timeout=WAIT_MS)
-    answer = last_answer(visit)
-    assert answer.strip()
-    growing = sorted({n for n in visit.page.evaluate("window.lengths") if 0 < n < len(answer)})
+    # The built-in base model samples at the daemon's default temperature: now and then its answer is a few words,
+    # too short to see it grow. Streaming is judged on the first answer long enough to show it.
+    for attempt in range(3):
+        visit.page.evaluate("() => { window.lengths = []; }")
+        visit.send("Write a short story about a dragon.")
+        visit.page.wait_for_function("(n) => document.querySelectorAll('.msg.assistant footer').length > n",
+                                     arg=attempt, timeout=WAIT_MS)
+        answer = last_answer(visit)
+        assert answer.strip()
+        growing = sorted({n for n in visit.page.evaluate("window.lengths") if 0 < n < len(answer)})
+        if len(answer) >= 40:
+            break
     assert len(growing) >= 2, f"the answer appeared at once, not streamed: {growing}"
+    assert visit.page.evaluate("window.stopShown"), "the stop button never showed while generating"
     footer = visit.page.inner_text(".msg.assistant:last-of-type footer")
     assert "tokens/s" in footer and "tokens/s" in visit.page.inner_text("#speed")
     assert visit.page.is_visible("#send") and not visit.page.is_visible("#stop")
@@ -291,9 +299,8 @@ def test_keys_are_asked_for_and_deleting_a_model_needs_the_admin_key(model_state
 
     state = _linked_state(model_state, tmp_path)
     ModelStore(state / "models").import_file(write_gguf(tmp_path / "extra.gguf"), name="extra")
-    daemon = start_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_API_KEY": "lan", "OFFGRID_ADMIN_KEY": "owner"})
-    try:
-        daemon.wait_ready()
+    keys = {"OFFGRID_API_KEY": "lan", "OFFGRID_ADMIN_KEY": "owner"}
+    with running_daemon(state, tmp_path / "daemon.log", env=keys) as daemon:
         visit = open_ui(daemon.url)
         visit.page.wait_for_selector("#key-dialog[open]")
         assert "API key" in visit.page.inner_text("#key-title")
@@ -317,8 +324,6 @@ def test_keys_are_asked_for_and_deleting_a_model_needs_the_admin_key(model_state
         assert failed and all("401" in m or "403" in m for m in failed), failed
         assert visit.errors(expected=("status of 401", "status of 403")) == []
         assert visit.outside() == []
-    finally:
-        daemon.stop()
     assert daemon.blocked_loop_reports() == []
 
 
