@@ -59,10 +59,12 @@ class Runtime:
 
     def begin_request(self) -> None:
         self.active += 1
+        self.metrics.in_flight.set(self.active)
         self.idle.clear()
 
     def end_request(self) -> None:
         self.active -= 1
+        self.metrics.in_flight.set(self.active)
         if not self.active:
             self.idle.set()
 

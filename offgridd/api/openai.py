@@ -103,7 +103,6 @@ async def _tracked(rt: Runtime, name: str, frames: AsyncIterator[dict]) -> Async
     arrived = time.monotonic()
     first = None
     rt.begin_request()
-    rt.metrics.in_flight.inc()
     try:
         async with contextlib.aclosing(frames):
             async for frame in frames:
@@ -122,7 +121,6 @@ async def _tracked(rt: Runtime, name: str, frames: AsyncIterator[dict]) -> Async
                 yield frame
     finally:
         rt.end_request()
-        rt.metrics.in_flight.dec()
 
 
 async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:

@@ -42,8 +42,9 @@ class HardwareService:
             self.led, self.button, self.gpio_note = await loop.run_in_executor(
                 None, open_gpio, hw.led_pin, hw.button_pin, hw.button_hold_seconds,
                 lambda: loop.call_soon_threadsafe(self._long_press))
-        self._tasks = [asyncio.create_task(self._watch(), name="resource-watch"),
-                       asyncio.create_task(self._drive_led(), name="status-led")]
+        self._tasks = [asyncio.create_task(self._watch(), name="resource-watch")]
+        if self.led is not None:  # no wake-ups five times a second on a board without one
+            self._tasks.append(asyncio.create_task(self._drive_led(), name="status-led"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -119,8 +120,7 @@ class HardwareService:
 
     async def _drive_led(self) -> None:
         while True:
-            if self.led is not None:
-                self.led.set(self.led_pattern())
+            self.led.set(self.led_pattern())
             await asyncio.sleep(LED_EVERY_S)
 
     def describe(self) -> dict:
