@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import FrameError, encode, read_frame
+from .protocol import FrameBuffer, FrameError, encode
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,36 @@ class WorkerConfig:
 _CLOSED = object()
 
 
+class _Link(asyncio.Protocol):
+    """The daemon's end of the socketpair. Frames are handed on in the loop step that read them."""
+
+    def __init__(self, on_frame: Callable[[dict], None]):
+        self.on_frame = on_frame
+        self.frames = FrameBuffer()
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for frame in self.frames.feed(data):
+                self.on_frame(frame)
+        except FrameError as e:
+            log.error("an inference worker sent a bad frame: %s", e)
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, frame: dict) -> None:
+        if self.transport.is_closing():
+            raise WorkerCrashed("the inference worker is not running")
+        self.transport.write(encode(frame))
+
+
 class InferenceWorker:
     """One child process serving one model. Requests are multiplexed by id; the worker queues them."""
 
@@ -84,7 +114,8 @@ class InferenceWorker:
         self.last_used = time.monotonic()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: _Link | None = None
+        self._loaded = False
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._failed = asyncio.Event()
@@ -157,36 +188,35 @@ class InferenceWorker:
         finally:
             theirs.close()
         self.pid = self._proc.pid
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        loaded = False
+        self._loaded = False
+        _, self._link = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self._on_frame),
+                                                                                sock=ours)
         try:
-            while True:
-                frame = await read_frame(reader)
-                if frame["op"] == "ready":
-                    loaded = True
-                    self.n_ctx = frame["n_ctx"]
-                    self.state, self.reason = "ready", ""
-                    self.last_used = time.monotonic()  # idle time counts from being ready, not from the spawn
-                    self._ready.set()
-                    log.info("model %s ready in worker pid %s (n_ctx %s)", cfg.name, self.pid, self.n_ctx)
-                elif not loaded and frame["op"] == "error":
-                    self.reason = frame.get("message", "unknown error")
-                elif (q := self._pending.get(frame.get("id"))) is not None:
-                    q.put_nowait(frame)
-                elif frame["op"] == "done" and self.on_abandoned:
-                    self.on_abandoned(cfg.name, frame)  # the end of a request whose client left
-        except (asyncio.IncompleteReadError, ConnectionError, FrameError) as e:
-            if isinstance(e, FrameError):
-                log.error("worker %s sent a bad frame: %s", self.pid, e)
+            await self._link.closed
         finally:
             self._ready.clear()
-            self._writer.close()
+            self._link.transport.close()
             code = await self._reap()
-            if loaded or not self.reason:
+            if self._loaded or not self.reason:
                 self.reason = f"worker exited with {_describe(code)}"
             for q in self._pending.values():
                 q.put_nowait(_CLOSED)
-        return "exited" if loaded else "load-failed"
+        return "exited" if self._loaded else "load-failed"
+
+    def _on_frame(self, frame: dict) -> None:
+        if frame["op"] == "ready":
+            self._loaded = True
+            self.n_ctx = frame["n_ctx"]
+            self.state, self.reason = "ready", ""
+            self.last_used = time.monotonic()  # idle time counts from being ready, not from the spawn
+            self._ready.set()
+            log.info("model %s ready in worker pid %s (n_ctx %s)", self.config.name, self.pid, self.n_ctx)
+        elif not self._loaded and frame["op"] == "error":
+            self.reason = frame.get("message", "unknown error")
+        elif (q := self._pending.get(frame.get("id"))) is not None:
+            q.put_nowait(frame)
+        elif frame["op"] == "done" and self.on_abandoned:
+            self.on_abandoned(self.config.name, frame)  # the end of a request whose client left
 
     async def _reap(self) -> int | None:
         proc = self._proc
@@ -234,17 +264,17 @@ class InferenceWorker:
                 if not started:
                     self.waiting -= 1
                 self._pending.pop(rid, None)
-                if not finished and self._writer is not None and self.state == "ready":
-                    with contextlib.suppress(ConnectionError, RuntimeError):
+                if not finished and self.state == "ready":
+                    with contextlib.suppress(ConnectionError, RuntimeError, WorkerCrashed):
                         self._send({"op": "cancel", "id": rid})
         finally:
             self.in_flight -= 1
             self.last_used = time.monotonic()
 
     def _send(self, frame: dict) -> None:
-        if self._writer is None or self._writer.is_closing():
+        if self._link is None:
             raise WorkerCrashed("the inference worker is not running")
-        self._writer.write(encode(frame))
+        self._link.send(frame)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -9,7 +9,7 @@ Daemon -> worker:
 Worker -> daemon:
   {"op": "ready", "model": str, "n_ctx": int, "pid": int, "version": 1}
   {"op": "start", "id": int, "prompt_tokens": int}            generation began (the queue wait is over)
-  {"op": "token", "id": int, "text": str, "n": int}           n tokens produced so far
+  {"op": "token", "id": int, "text": str, "n": int}           text of one or more tokens; n produced so far
   {"op": "done", "id": int, "finish_reason": "stop" | "length" | "cancelled", "prompt_tokens": int,
    "completion_tokens": int}
   {"op": "embedding", "id": int, "data": [[float, ...], ...], "prompt_tokens": int}
@@ -18,11 +18,11 @@ Worker -> daemon:
 
 from __future__ import annotations
 
-import asyncio
 import select
 import socket
 import struct
 import time
+from collections import deque
 
 import msgpack
 
@@ -52,12 +52,26 @@ def decode(body: bytes) -> dict:
     return obj
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict:
-    """Read one frame; raises asyncio.IncompleteReadError at end of stream."""
-    (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if n > MAX_FRAME:
-        raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-    return decode(await reader.readexactly(n))
+class FrameBuffer:
+    """Splits a byte stream into frames, however the bytes were cut into reads."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[dict]:
+        """Add bytes; returns the frames they complete, in order."""
+        buf = self._buffer
+        buf += data
+        frames = []
+        while len(buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf)
+            if n > MAX_FRAME:
+                raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+            if len(buf) < _LEN.size + n:
+                break
+            frames.append(decode(bytes(buf[_LEN.size:_LEN.size + n])))
+            del buf[:_LEN.size + n]
+        return frames
 
 
 TIMED_OUT = {"op": "timed-out"}  # what BlockingChannel.receive returns when no frame came in time
@@ -68,7 +82,8 @@ class BlockingChannel:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self._buffer = bytearray()
+        self._frames = FrameBuffer()
+        self._ready: deque[dict] = deque()
 
     def send(self, obj: dict) -> None:
         self.sock.sendall(encode(obj))
@@ -76,15 +91,7 @@ class BlockingChannel:
     def receive(self, timeout: float | None = None) -> dict | None:
         """The next frame; None when the daemon has gone away; TIMED_OUT when `timeout` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if len(self._buffer) >= _LEN.size:
-                (n,) = _LEN.unpack_from(self._buffer)
-                if n > MAX_FRAME:
-                    raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-                if len(self._buffer) >= _LEN.size + n:
-                    body = bytes(self._buffer[_LEN.size:_LEN.size + n])
-                    del self._buffer[:_LEN.size + n]
-                    return decode(body)
+        while not self._ready:
             if deadline is not None:
                 readable, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
                 if not readable:
@@ -92,4 +99,5 @@ class BlockingChannel:
             data = self.sock.recv(1 << 16)
             if not data:
                 return None
-            self._buffer += data
+            self._ready.extend(self._frames.feed(data))
+        return self._ready.popleft()
