@@ -21,6 +21,7 @@ from .keys import RUNTIME
 from .schemas import GenerationRequest, parse_chat, parse_completion, parse_embeddings
 
 FINGERPRINT = f"offgridd-{__version__}"
+_MARK = "\0offgridd-text\0"  # stands for a token's text in a pre-built event
 
 
 async def read_json(request: web.Request) -> dict:
@@ -162,10 +163,14 @@ async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Sha
     usage_field = {"usage": None} if include_usage else {}
     if shape.chat:
         await send({**shape.chunk({"role": "assistant", "content": ""}, None), **usage_field})
+    # every token event is the same JSON around its text: build that once, and per token encode only the text
+    head, tail = json.dumps({**shape.chunk(_MARK, None), **usage_field}, separators=(",", ":")).split(
+        json.dumps(_MARK))
+    head, tail = b"data: " + head.encode(), tail.encode() + b"\n\n"
     try:
         async for f in frames:
             if f["op"] == "token":
-                await send({**shape.chunk(f["text"], None), **usage_field})
+                await resp.write(head + json.dumps(f["text"]).encode() + tail)
             elif f["op"] == "done":
                 await send({**shape.chunk({} if shape.chat else "", f["finish_reason"]), **usage_field})
                 if include_usage:
