@@ -399,9 +399,11 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
             for attempt in range(args.max_retries + 1):
                 await wait_quiet(meter, args.noise_threshold, args.quiet_wait)
                 got: list[Sample] = []
-                # single stream A, B; then N concurrent streams A, B
+                # single stream A, B; then N concurrent streams A, B; every other round B goes first, so
+                # neither server always follows the other's concurrent burst
+                order = servers if r % 2 == 0 else servers[::-1]
                 for kind in ("single", "concurrent"):
-                    for s in servers:
+                    for s in order:
                         got += await one(s, kind, r, f"run {r}.{attempt} {kind}")
                 noise = max(x.foreign_cpu_pct + x.steal_cpu_pct for x in got)
                 if noise <= args.noise_threshold or attempt == args.max_retries:
@@ -452,8 +454,8 @@ def summarize(samples: list[Sample], runs: int) -> tuple[dict, str]:
     ]
     summary: dict = {"token_count_method": method, "metrics": {}}
     lines = [
-        "| metric | offgridd | llama-server | offgridd / llama-server |",
-        "|---|---:|---:|---:|",
+        "| metric | offgridd | llama-server | offgridd / llama-server | same-round ratios, median (min–max) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, key, better in rows:
         a, b = per["offgridd"].get(key, []), per["llama-server"].get(key, [])
@@ -461,18 +463,23 @@ def summarize(samples: list[Sample], runs: int) -> tuple[dict, str]:
             continue
         ma, mb = statistics.median(a), statistics.median(b)
         ratio = ma / mb if mb else float("nan")
+        # the two servers measured in the same round share that round's machine noise
+        paired = [x / y for x, y in zip(a, b, strict=True) if y] if len(a) == len(b) else []
         summary["metrics"][key] = {
             "label": label,
             "better": better,
             "offgridd": {"median": ma, "min": min(a), "max": max(a), "values": a},
             "llama-server": {"median": mb, "min": min(b), "max": max(b), "values": b},
             "ratio_median": ratio,
+            "paired_ratios": paired,
         }
         fmt = "{:.0f}" if key.endswith("_ms") or "tokens" in key else "{:.1f}"
         cell_a = f"{fmt.format(ma)} ({fmt.format(min(a))}–{fmt.format(max(a))})"
         cell_b = f"{fmt.format(mb)} ({fmt.format(min(b))}–{fmt.format(max(b))})"
         hint = f" ({better} is better)" if better else ""
-        lines.append(f"| {label}{hint} | {cell_a} | {cell_b} | {ratio:.2f} |")
+        cell_p = (f"{statistics.median(paired):.2f} ({min(paired):.2f}–{max(paired):.2f})"
+                  if paired and better else "")
+        lines.append(f"| {label}{hint} | {cell_a} | {cell_b} | {ratio:.2f} | {cell_p} |")
     return summary, "\n".join(lines)
 
 
