@@ -110,11 +110,11 @@ class TextBatch:
 
 class Worker:
     def __init__(self, channel: BlockingChannel, args: argparse.Namespace):
-        from llama_cpp import Llama
+        from .engine import Engine
 
         self.channel = channel
         self.args = args
-        self.llm = Llama(
+        self.llm = Engine(
             model_path=args.model_path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
             n_batch=args.batch, n_gpu_layers=args.gpu_layers, flash_attn=bool(args.flash_attn), verbose=False,
         )
