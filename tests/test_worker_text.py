@@ -19,11 +19,10 @@ def feed(batch: TextBatch, pieces: list[str], step_s: float) -> list[str]:
     return sent + ([rest] if (rest := batch.take()) else [])
 
 
-def test_the_first_text_goes_at_once_and_close_tokens_travel_in_pairs():
-    batch = TextBatch()
-    assert batch.add("The", 100.0) == "The"
-    sent = feed(TextBatch(), ["a", "b", "c", "d", "e"], 11 * MS)
-    assert sent == ["a", "bc", "de"]
+def test_the_first_text_goes_at_once_and_close_tokens_travel_together():
+    assert TextBatch().add("The", 100.0) == "The"
+    assert feed(TextBatch(hold_s=20 * MS), list("abcde"), 11 * MS) == ["a", "bc", "de"]
+    assert feed(TextBatch(hold_s=50 * MS), list("abcdefghij"), 11 * MS) == ["a", "bcdef", "ghij"]
 
 
 def test_tokens_slower_than_the_hold_go_one_by_one():
