@@ -426,3 +426,31 @@ def test_inventory_digest_changes_with_the_store():
     one = inventory_digest([("a", "1" * 64)])
     assert one == inventory_digest([("a", "1" * 64)]) != inventory_digest([("a", "2" * 64)])
     assert inventory_digest([("a", "1" * 64), ("b", "2" * 64)]) == inventory_digest([("b", "2" * 64), ("a", "1" * 64)])
+
+
+def _partials(state: Path, builtin_sha: str) -> dict[str, Path]:
+    folder = state / "models" / ".partial"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {"arrived": folder / f"sha256-{builtin_sha}.part", "abandoned": folder / f"sha256-{'a' * 64}.part",
+             "fresh": folder / f"sha256-{'b' * 64}.part"}
+    for part in parts.values():
+        part.write_bytes(b"GGUF" + bytes(4096))
+    week_ago = time.time() - 8 * 86400
+    os.utime(parts["abandoned"], (week_ago, week_ago))
+    return parts
+
+
+@pytest.mark.parametrize("sync", ["pull", "off"])
+def test_partial_pulls_that_can_no_longer_help_are_deleted_at_start(model_state, tmp_path, sync):
+    state = fleet_state(model_state, tmp_path, "a", secrets.token_bytes(32))
+    builtin = ModelStore(state / "models").get("gemma3-270m").sha256
+    parts = _partials(state, builtin)
+    daemon = start_peer(state, udp_port(), OFFGRID_PEERS_SYNC=sync)
+    try:
+        # the model arrived another way, or nothing was added for a week: gone; a recent pull waits for its peer
+        wait_for(lambda: not parts["arrived"].exists() and not parts["abandoned"].exists(),
+                 what="the stale partial pulls to be deleted")
+        assert parts["fresh"].exists() == (sync == "pull"), "with pulling off no partial pull is kept"
+        assert daemon.health()[0] == 200
+    finally:
+        stop_all(daemon)

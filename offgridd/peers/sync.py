@@ -28,7 +28,23 @@ SYNC_EVERY = 16 << 20
 RETRY_FIRST_S, RETRY_MAX_S = 2.0, 60.0
 BAD_PEER_BACKOFF_S = 600.0  # a peer whose bytes failed the hash is not asked for that model again for this long
 RECHECK_S = 2.0
+PARTIAL_MAX_AGE_S = 7 * 86400  # a partial pull nothing was added to for this long is abandoned
+SWEEP_EVERY_S = 3600.0
 _END = object()
+
+
+def sweep_partials(partials: Path, have: set[str], now: float, keep: bool = True) -> list[str]:
+    """Blocking: delete partial pulls that can no longer help: their model arrived another way (a USB stick, an
+    import), nothing was added to them for PARTIAL_MAX_AGE_S (the peer left for good), or pulling is off (keep=False).
+    Returns the names deleted."""
+    gone = []
+    for part in partials.glob("sha256-*.part") if partials.is_dir() else ():
+        sha = part.name.removeprefix("sha256-").removesuffix(".part")
+        with contextlib.suppress(FileNotFoundError):
+            if not keep or sha in have or now - part.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                part.unlink()
+                gone.append(part.name)
+    return gone
 
 
 class PullInterrupted(Exception):
@@ -84,17 +100,31 @@ class ModelPuller:
         self._wake.set()
 
     async def run(self) -> None:
-        if self.service.settings.sync != "pull":
-            return
         loop = asyncio.get_running_loop()
+        if self.service.settings.sync != "pull":
+            await self._sweep(keep=False)
+            return
         await loop.run_in_executor(None, lambda: self.partials.mkdir(parents=True, exist_ok=True))
+        swept = -SWEEP_EVERY_S
         while True:
+            if loop.time() - swept >= SWEEP_EVERY_S:
+                await self._sweep()
+                swept = loop.time()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECHECK_S):
                     await self._wake.wait()
             self._wake.clear()
             while (choice := self._next(await loop.run_in_executor(None, self.rt.store.list))) is not None:
                 await self._pull(*choice)
+
+    async def _sweep(self, keep: bool = True) -> None:
+        def sweep() -> list[str]:
+            have = {m.sha256 for m in self.rt.store.list()}
+            return sweep_partials(self.partials, have, time.time(), keep)
+
+        for name in await asyncio.get_running_loop().run_in_executor(None, sweep):
+            log.info("deleted the partial pull %s: %s", name,
+                     "pulling is off" if not keep else "its model is here already, or it was abandoned")
 
     def _next(self, local: list[ModelManifest]) -> tuple[Peer, dict] | None:
         """The first model some peer has and this node lacks, from the least busy peer that has it."""
