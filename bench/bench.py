@@ -293,12 +293,12 @@ async def stream_completion(session: aiohttp.ClientSession, base: str, payload: 
     return sample
 
 
-def make_payload(name: str, model: str, tag: str, max_tokens: int) -> dict:
+def make_payload(name: str, model: str, tag: str, max_tokens: int, temperature: float = 0.0) -> dict:
     payload = {
         "model": model,
         "prompt": f"[{tag}] " + BASE_PROMPT,
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -365,11 +365,15 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
     discarded: list[Sample] = []
     meter = CpuMeter(servers)
     connector = aiohttp.TCPConnector(limit=0)
+
+    def payload(s: Server, tag: str) -> dict:
+        return make_payload(s.name, args.model, tag, args.max_tokens, args.temperature)
+
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for s in servers:
             print(f"[bench] warm-up {s.name}", file=sys.stderr)
             warm = Sample(s.name, "warmup", -1, 0.0)
-            await stream_completion(session, s.base, make_payload(s.name, args.model, "warmup", args.max_tokens), warm)
+            await stream_completion(session, s.base, payload(s, "warmup"), warm)
 
         async def one(s: Server, kind: str, r: int, tag: str) -> list[Sample]:
             n = 1 if kind == "single" else args.concurrency
@@ -378,7 +382,7 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
             await asyncio.gather(
                 *(
                     stream_completion(
-                        session, s.base, make_payload(s.name, args.model, f"{tag} {k}", args.max_tokens), x
+                        session, s.base, payload(s, f"{tag} {k}"), x
                     )
                     for k, x in enumerate(batch)
                 )
@@ -507,6 +511,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=2048, help="context size for both servers")
     p.add_argument("--runs", type=int, default=5, help="interleaved measurement rounds")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 picks the top token; above 0 both servers sample with their (equal) default top-k/p, min-p")
     p.add_argument("--concurrency", type=int, default=4, help="parallel streams for the aggregate test")
     p.add_argument("--model", default="gemma3-270m", help="offgridd model name")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="persistent offgridd state dir")
@@ -572,7 +578,8 @@ def main() -> int:
     summary, table = summarize(samples, args.runs)
     header = (
         f"offgridd vs llama-server — {args.model} ({Path(model_path).name[:16]}…), threads={args.threads}, "
-        f"ctx={args.ctx}, max_tokens={args.max_tokens}, runs={args.runs}, concurrency={args.concurrency}, "
+        f"ctx={args.ctx}, max_tokens={args.max_tokens}, temperature={args.temperature}, runs={args.runs}, "
+        f"concurrency={args.concurrency}, "
         f"tokens counted by {summary['token_count_method']}; median (min–max); "
         f"{len(discarded) and len({(x.round, x.kind) for x in discarded})} noisy measurement(s) re-run, "
         f"max other-process load kept {max(x.foreign_cpu_pct + x.steal_cpu_pct for x in samples):.0f}% of a core"
