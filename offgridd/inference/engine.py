@@ -7,7 +7,7 @@ all of them; with Gemma 3's 262k-token vocabulary that costs about 0.35 ms a tok
 - A sampled pick whose chain starts with top-k (llama-cpp-python's chain at temperature > 0, no penalties) hands the
   same chain only the tokens within 10 (else 20) logits of the best. They hold the top k whenever there are at least k
   of them, so top-k keeps the same tokens in the same order and every later step sees the same array; with fewer, the
-  whole vocabulary goes in as before. About 0.1 ms instead of 0.25 ms.
+  whole vocabulary goes in as before: about 0.07 ms instead of 0.2 ms.
 Anything else (penalties, grammars, mirostat, logit processors) goes through llama.cpp's sampler chain unchanged.
 """
 
