@@ -65,9 +65,10 @@ class HardwareService:
         hw = self.rt.settings.hardware
         self.sample = await asyncio.get_running_loop().run_in_executor(None, sample, hw.root, self.rt.settings.state)
         before = set(self.ladder.active)
-        limits = self.ladder.update(self.sample)
-        await self._apply(limits, entered=set(self.ladder.active) - before)
-        self._record()
+        self._apply(self.ladder.update(self.sample))
+        self._record()  # in the same loop step as the ladder turned, so /health and /metrics agree
+        if "memory-pressure" in set(self.ladder.active) - before and (unloaded := await self.rt.pool.unload_idle()):
+            log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
 
     async def _watch(self) -> None:
         while True:
@@ -80,7 +81,7 @@ class HardwareService:
             except OSError as e:  # a vanished sensor must not stop the watch
                 log.warning("resource sample failed: %s", e)
 
-    async def _apply(self, limits: Limits, entered: set[str]) -> None:
+    def _apply(self, limits: Limits) -> None:
         rt = self.rt
         if limits != self.limits:
             rt.admission.resize(limits.slots, limits.queue_depth)
@@ -91,8 +92,6 @@ class HardwareService:
                      limits.threads, f", paused: {limits.paused}" if limits.paused else "")
             self.limits = limits
             rt.bus.publish("degraded", {"degraded": self.ladder.describe()})
-        if "memory-pressure" in entered and (unloaded := await rt.pool.unload_idle()):
-            log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
 
     def _record(self) -> None:
         m, s = self.rt.metrics, self.sample
