@@ -74,6 +74,13 @@ class JobBoard:
             return [j.to_dict() for j in self._running.values()]
 
     async def recent(self, limit: int = 50) -> list[dict]:
-        """Running jobs first, then the latest finished ones."""
+        """Running jobs first, then the latest finished ones.
+
+        The running ones are taken before the database is read: a job finished in between is then found in one or
+        the other (its row is queued to the same database thread ahead of this read), and its row wins if in both.
+        """
+        running = self.running()
         rows = await self.db.run(lambda db: list(db["jobs"].rows_where(order_by="started desc", limit=limit)))
-        return self.running() + [Job(**row).to_dict() for row in rows]
+        ended = [Job(**row).to_dict() for row in rows]
+        done = {j["id"] for j in ended}
+        return [j for j in running if j["id"] not in done] + ended
