@@ -55,7 +55,7 @@ def test_memory_pressure_steps_down_and_back_up(pi4):
     write_meminfo(root, PI4_2GB_KB, int(PI4_2GB_KB * 0.05))
     wait_for(lambda: "memory-pressure" in degraded_steps(daemon), what="memory pressure")
     assert daemon.health()[1]["queue"]["depth"] == 2
-    # the idle model is unloaded to give memory back; stopping its worker takes a moment
+    # the idle model is unloaded to give memory back, after the step is shown
     wait_for(lambda: daemon.health()[1]["loaded"] == {}, what="idle model unloaded")
     assert daemon.metric("offgridd_degraded", step="memory-pressure") == 1
     status, headers, body = complete(daemon)

@@ -177,9 +177,12 @@ def test_a_model_imported_on_one_box_appears_on_the_other(model_state, tmp_path)
         out = subprocess.run([sys.executable, "-m", "offgridd", "models", "import", str(model), "--state",
                               str(a.state), "--name", "field-guide"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        wait_for(lambda: "field-guide" in model_names(b), what="the model to reach B")
+        # the job ends after the manifest lands, so wait on the job: then the model is listed too
+        wait_for(lambda: any(j["state"] != "running" for j in jobs(b) if j["model"] == "field-guide"),
+                 what="the model's pull to end")
         [job] = [j for j in jobs(b) if j["model"] == "field-guide"]
         assert job["kind"] == "peer-pull" and job["state"] == "done" and "box-a" in job["source"]
+        assert "field-guide" in model_names(b)
         ok, actual = ModelStore(b.state / "models").verify("field-guide")
         assert ok and actual == ModelStore(a.state / "models").get("field-guide").sha256
         assert not list((b.state / "models" / ".partial").iterdir())
@@ -295,9 +298,9 @@ def test_a_chat_request_for_a_model_only_a_peer_has_is_answered_through_routing(
             client.chat.completions.create(model="nobody-has-this", messages=messages, max_tokens=4)
         assert b.metric("offgridd_requests_routed_total", peer="box-a") == 2
 
-        # B runs one request at a time with no queue: while it is busy, the next one goes to A
-        with client.chat.completions.with_streaming_response.create(
-                model="gemma3-270m", messages=messages, max_tokens=300, stream=True) as busy:
+        # B runs one request at a time with no queue: while it is busy (counting on to 300 tokens), the next goes to A
+        with client.completions.with_streaming_response.create(
+                model="gemma3-270m", prompt="1, 2, 3, 4, 5,", max_tokens=300, temperature=0, stream=True) as busy:
             assert busy.headers["x-offgrid-node"] == node_b
             next(iter(busy.parse()))
             overflow = client.chat.completions.with_raw_response.create(model="gemma3-270m", messages=messages,
@@ -321,7 +324,8 @@ def test_a_box_without_memory_for_the_model_passes_requests_to_a_peer_that_has_r
                    OFFGRID_PEERS_SYNC="off", OFFGRID_HARDWARE_ROOT=str(tight))
     try:
         wait_for(lambda: b.health()[1]["status"] == "unavailable", what="B to find no model fits")
-        wait_for(lambda: peer_names(b) == {"box-a"}, what="B to see A")
+        # a peer is listed as soon as it is heard; its models once its inventory is fetched, which routing needs
+        wait_for(lambda: [p["models"] for p in peers_of(b)["peers"]] == [["gemma3-270m"]], what="B to see A's model")
         status, headers, body = http("POST", f"{b.url}/v1/completions",
                                      {"model": "gemma3-270m", "prompt": "The sea is", "max_tokens": 4})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] > 0

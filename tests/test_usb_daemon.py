@@ -34,6 +34,9 @@ def jobs(daemon) -> list[dict]:
     return json.loads(http("GET", f"{daemon.url}/api/v1/jobs")[2])["jobs"]
 
 
+def usb_state(daemon) -> dict:
+    return json.loads(http("GET", f"{daemon.url}/api/v1/usb")[2])
+
 
 def job_for(daemon, model: str, state: str | None = None) -> dict | None:
     return next((j for j in jobs(daemon) if j["model"] == model and (state is None or j["state"] == state)), None)
@@ -59,7 +62,9 @@ def test_a_stick_plugged_in_before_start_up_is_imported(model_state, tmp_path):
             models = json.loads(http("GET", f"{daemon.url}/api/v1/models")[2])["models"]
             [tiny] = [m for m in models if m["name"] == "tiny"]
             assert (tiny["sha256"], tiny["license"], tiny["loaded"]) == (sha256(TINY), "MIT", "no")
-            usb = json.loads(http("GET", f"{daemon.url}/api/v1/usb")[2])
+            # the stick's summary is written on the loop after the import thread has ended the job
+            wait_for(lambda: usb_state(daemon)["last"], what="the stick's summary")
+            usb = usb_state(daemon)
             assert usb["sticks"] == [str(roots / "sdz1" / "ext4")] and usb["last"]["imported"] == ["tiny"]
             assert daemon.health()[1]["services"]["usb"]["mode"] in ("poll", "udev")
         finally:
@@ -165,7 +170,7 @@ def test_a_real_udev_event_wakes_the_daemon_and_the_stick_is_imported(model_stat
     loop_dev = None
     try:
         daemon.wait_ready()
-        usb = json.loads(http("GET", f"{daemon.url}/api/v1/usb")[2])
+        usb = usb_state(daemon)
         assert usb["mode"] == "udev" and usb["udev_events"] == 0, (usb, UDEV_CONTROL)
         attached = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True)
         if attached.returncode != 0:
@@ -178,7 +183,7 @@ def test_a_real_udev_event_wakes_the_daemon_and_the_stick_is_imported(model_stat
         assert mounted.returncode == 0, mounted.stderr
         done = wait_for(lambda: job_for(daemon, "tiny", "done"), timeout=30, what="the import after the udev event")
         assert done["source"] == f"usb:{where}/OFFGRID/models/tiny.gguf"
-        usb = json.loads(http("GET", f"{daemon.url}/api/v1/usb")[2])
+        usb = usb_state(daemon)
         assert usb["udev_events"] >= 1 and usb["sticks"] == [str(where)]
     finally:
         daemon.stop()
