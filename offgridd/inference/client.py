@@ -87,11 +87,6 @@ class _Link(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def send(self, frame: dict) -> None:
-        if self.transport.is_closing():
-            raise WorkerCrashed("the inference worker is not running")
-        self.transport.write(encode(frame))
-
 
 class InferenceWorker:
     """One child process serving one model. Requests are multiplexed by id; the worker queues them."""
@@ -272,9 +267,9 @@ class InferenceWorker:
             self.last_used = time.monotonic()
 
     def _send(self, frame: dict) -> None:
-        if self._link is None:
+        if self._link is None or self._link.transport.is_closing():
             raise WorkerCrashed("the inference worker is not running")
-        self._link.send(frame)
+        self._link.transport.write(encode(frame))
 
     async def stop(self) -> None:
         self._stopping = True
