@@ -185,10 +185,7 @@ def installed_llama_cpp_version() -> str:
 
 
 def build_or_find_llama_server(version: str, jobs: int) -> Path:
-    binary = BUILD_DIR / f"llama-server-{version}" / "bin" / "llama-server"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    print(f"[bench] llama-server for {version} not built yet; building (takes a while)", file=sys.stderr)
+    """The script knows the engine's CPU target and reuses a binary built for it (the first build takes a while)."""
     env = dict(os.environ, PYTHON=sys.executable, JOBS=str(jobs))
     out = subprocess.run(
         ["bash", str(BENCH_DIR / "build_llama_server.sh"), version],

@@ -5,6 +5,8 @@
 #
 # Usage: bench/build_llama_server.sh [VERSION]
 #   VERSION defaults to the llama-cpp-python version installed in .venv.
+# It is built for the same CPU target (offgridd/engine_build.py) as the engine installed in .venv, with the same
+# GGML flags, so the comparison stays like for like.
 # Environment:
 #   PYTHON  python used for `pip download` / version lookup (default: .venv/bin/python)
 #   JOBS    parallel compile jobs (default: 2)
@@ -24,13 +26,16 @@ if [[ -z "$VERSION" ]]; then
     VERSION="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
 fi
 
+TARGET="$(cd "$ROOT" && "$PYTHON" -c 'from offgridd import engine_build as e; r = e.installed(); print(r["target"] if r else e.pick().name)')"
+read -r -a TARGET_FLAGS <<< "$(cd "$ROOT" && "$PYTHON" -m offgridd.engine_build cmake-args "$TARGET")"
+
 SRC_DIR="$BUILD_ROOT/llama_cpp_python-$VERSION"
 LLAMA_DIR="$SRC_DIR/vendor/llama.cpp"
-CMAKE_BUILD_DIR="$BUILD_ROOT/llama-server-$VERSION"
+CMAKE_BUILD_DIR="$BUILD_ROOT/llama-server-$VERSION-$TARGET"
 BIN="$CMAKE_BUILD_DIR/bin/llama-server"
 
 if [[ -x "$BIN" ]]; then
-    echo "llama-server for llama-cpp-python $VERSION already built" >&2
+    echo "llama-server for llama-cpp-python $VERSION ($TARGET) already built" >&2
     echo "$BIN"
     exit 0
 fi
@@ -51,14 +56,13 @@ if command -v ninja >/dev/null 2>&1; then
     GENERATOR=(-G Ninja)
 fi
 
-# Same optimisation settings llama-cpp-python's own build uses by default on Linux
-# (Release, GGML_NATIVE=ON, GGML_OPENMP=ON). The web UI is disabled and no prebuilt UI
-# is fetched (offline machine); tests/examples are skipped. Static libs give a
+# Release, and the engine target's GGML flags (GGML_NATIVE=OFF, every instruction set named). The web UI is
+# disabled and no prebuilt UI is fetched (offline machine); tests/examples are skipped. Static libs give a
 # self-contained binary that cannot pick up the venv's libllama/libggml by accident.
-echo "configuring llama.cpp in $CMAKE_BUILD_DIR" >&2
+echo "configuring llama.cpp in $CMAKE_BUILD_DIR for $TARGET: ${TARGET_FLAGS[*]}" >&2
 cmake -S "$LLAMA_DIR" -B "$CMAKE_BUILD_DIR" "${GENERATOR[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    "${TARGET_FLAGS[@]}" \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_SERVER=ON \
