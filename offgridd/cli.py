@@ -69,6 +69,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import print_report, report
+    from .inference.pool import default_threads
+
+    settings, _ = _board_settings(args)
+    r = report(settings, threads=settings.threads or default_threads(), seconds=args.seconds)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_report(r)
+    return {"ok": 0, "safe-path": 1}.get(r["verdict"], 2)
+
+
 def _base_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url.rstrip("/")
@@ -208,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--root", help="read /proc, /sys and /etc under this directory (default /)")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(func=cmd_profile)
+
+    doctor = sub.add_parser("doctor", parents=[common],
+                            help="the engine's build target, this CPU's features, a self-test and decode speed")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--seconds", type=float, default=3.0, help="how long to measure decode speed")
+    doctor.set_defaults(func=cmd_doctor)
 
     chat = sub.add_parser("chat", parents=[common], help="chat with the running daemon in the terminal")
     chat.add_argument("--url", help="daemon URL (default from settings)")

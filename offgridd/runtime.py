@@ -76,6 +76,7 @@ class Runtime:
         """Everything that is not as configured, each with its reason: /health, STATUS and the UI list these."""
         out = [{"step": "model-substituted", "model": name, "reason": note} for name, note in self.pool.notes.items()]
         out += [{"step": "model-bad", "model": name, "reason": why} for name, why in self.pool.bad.items()]
+        out += [{"step": "engine-safe-mode", "model": name, "reason": why} for name, why in self.pool.safe_path.items()]
         for service in self.services:
             out += service.describe().get("degraded", [])
         return out

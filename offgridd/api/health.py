@@ -29,7 +29,8 @@ def health_report(rt: Runtime, memory: dict) -> dict:
     worker = rt.pool.workers.get(name)
     model = {"name": name, "state": worker.state if worker else "not loaded"}
     if worker:
-        model.update(n_ctx=worker.n_ctx, restarts=worker.restarts, pid=worker.pid)
+        model.update(n_ctx=worker.n_ctx, restarts=worker.restarts, pid=worker.pid, self_test=worker.self_test,
+                     engine_path="safe" if worker.safe else "normal")
     return {
         "status": rt.phase, "reason": rt.reason or None, "version": __version__, "uptime_s": round(rt.uptime(), 1),
         "model": model, "memory": memory,

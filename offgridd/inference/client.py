@@ -23,6 +23,7 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a worker that lived this long resets the backoff
 CRASH_LIMIT = 3  # this many crashes ...
 CRASH_WINDOW_S = 120.0  # ... within this window mark the model bad
+ENGINE_BUG = "ggml-org/llama.cpp#20824"  # repacked (AMX) kernels that crash llama_decode on some Xeons
 
 
 class InferenceError(Exception):
@@ -58,6 +59,7 @@ class WorkerConfig:
     gpu_layers: int = 0
     flash_attn: bool = True
     memory_limit: int = 0  # RLIMIT_AS for the worker process, 0 for none
+    safe: bool = False  # load without repacked weights: the engine failed its self-test with them
 
 
 _CLOSED = object()
@@ -93,11 +95,15 @@ class InferenceWorker:
 
     def __init__(self, config: WorkerConfig, on_restart: Callable[[str], None] | None = None,
                  on_abandoned: Callable[[str, dict], None] | None = None,
-                 on_failed: Callable[[str, str], None] | None = None):
+                 on_failed: Callable[[str, str], None] | None = None,
+                 on_safe_path: Callable[[str, str], None] | None = None):
         self.config = config
         self.on_restart = on_restart
         self.on_abandoned = on_abandoned
         self.on_failed = on_failed
+        self.on_safe_path = on_safe_path
+        self.safe = config.safe
+        self.self_test: dict | None = None  # the engine's self-test in the ready worker
         self.state = "stopped"  # loading | ready | restarting | failed | stopped
         self.reason = ""
         self.n_ctx = 0
@@ -110,7 +116,9 @@ class InferenceWorker:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue] = {}
         self._link: _Link | None = None
+        self._engine_up = False  # the model loaded; the engine self-test runs
         self._loaded = False
+        self._load_error = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._failed = asyncio.Event()
@@ -144,10 +152,21 @@ class InferenceWorker:
             outcome = await self._run_once()
             if self._stopping:
                 break
+            if outcome == "engine-failed" and not self.safe:
+                # the kernels this CPU runs on repacked weights fail: the model itself is not at fault
+                self.safe = True
+                note = (f"the engine failed its self-test on this CPU ({self.reason}); serving without repacked "
+                        f"weights, which is slower (a known llama.cpp fault: {ENGINE_BUG})")
+                log.error("model %s: %s", self.config.name, note)
+                if self.on_safe_path:
+                    self.on_safe_path(self.config.name, note)
+                continue
+            if outcome == "engine-failed":
+                self.reason = f"the engine failed its self-test on the safe path too ({self.reason})"
             now = time.monotonic()
             crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
-            if outcome == "load-failed" or len(crashes) >= CRASH_LIMIT:
-                if outcome != "load-failed":
+            if outcome != "exited" or len(crashes) >= CRASH_LIMIT:
+                if outcome == "exited":
                     self.reason = f"the worker crashed {len(crashes)} times in {CRASH_WINDOW_S:.0f}s ({self.reason})"
                 self.state = "failed"
                 self._failed.set()
@@ -167,7 +186,7 @@ class InferenceWorker:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _run_once(self) -> str:
-        """Run one worker process to its end; returns 'exited' or 'load-failed'."""
+        """Run one worker process to its end: 'exited' after serving, else 'load-failed' or 'engine-failed'."""
         self.state = "loading"
         ours, theirs = socket.socketpair()
         cfg = self.config
@@ -178,12 +197,14 @@ class InferenceWorker:
                 "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--gpu-layers", str(cfg.gpu_layers),
                 "--flash-attn", str(int(cfg.flash_attn)),
                 "--threads-now", str(self.threads), "--memory-limit", str(cfg.memory_limit),
+                "--safe", str(int(self.safe)),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_worker_env(),
             )
         finally:
             theirs.close()
         self.pid = self._proc.pid
-        self._loaded = False
+        self._engine_up = self._loaded = False
+        self._load_error = ""
         _, self._link = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self._on_frame),
                                                                                 sock=ours)
         try:
@@ -192,22 +213,26 @@ class InferenceWorker:
             self._ready.clear()
             self._link.transport.close()
             code = await self._reap()
-            if self._loaded or not self.reason:
-                self.reason = f"worker exited with {_describe(code)}"
+            self.reason = (not self._loaded and self._load_error) or f"worker exited with {_describe(code)}"
             for q in self._pending.values():
                 q.put_nowait(_CLOSED)
-        return "exited" if self._loaded else "load-failed"
+        if self._loaded:
+            return "exited"
+        return "engine-failed" if self._engine_up else "load-failed"
 
     def _on_frame(self, frame: dict) -> None:
-        if frame["op"] == "ready":
+        if frame["op"] == "loaded":
+            self._engine_up = True
+        elif frame["op"] == "ready":
             self._loaded = True
             self.n_ctx = frame["n_ctx"]
+            self.self_test = frame.get("self_test")
             self.state, self.reason = "ready", ""
             self.last_used = time.monotonic()  # idle time counts from being ready, not from the spawn
             self._ready.set()
             log.info("model %s ready in worker pid %s (n_ctx %s)", self.config.name, self.pid, self.n_ctx)
         elif not self._loaded and frame["op"] == "error":
-            self.reason = frame.get("message", "unknown error")
+            self._load_error = frame.get("message", "unknown error")
         elif (q := self._pending.get(frame.get("id"))) is not None:
             q.put_nowait(frame)
         elif frame["op"] == "done" and self.on_abandoned:
@@ -305,5 +330,8 @@ def _describe(code: int | None) -> str:
     if code < 0:
         import signal
 
-        return f"signal {signal.Signals(-code).name}"
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"signal {-code}"
     return f"exit code {code}"

@@ -9,22 +9,59 @@ all of them; with Gemma 3's 262k-token vocabulary that costs about 0.35 ms a tok
   of them, so top-k keeps the same tokens in the same order and every later step sees the same array; with fewer, the
   whole vocabulary goes in as before: about 0.07 ms instead of 0.2 ms.
 Anything else (penalties, grammars, mirostat, logit processors) goes through llama.cpp's sampler chain unchanged.
+
+The engine can also load on a *safe path*: no extra buffer types, so weights are not repacked into the CPU's special
+layouts (AMX on x86, the Q4_0 interleave that makes ARM fast). It exists for CPUs whose repacked kernels crash
+(ggml-org/llama.cpp#20824 on AMX Xeons) and is chosen only after a self-test on the normal path failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
 
 import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
 import numpy as np
 
 SPREADS = (10.0, 20.0)  # logits below the best: typically a few hundred tokens within 10, thousands within 20
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
+SELF_TEST_PROMPT = "The capital of France is"
+SELF_TEST_TOKENS = 4
+# Fault injection for tests: "self-test" crashes the normal path's self-test with SIGSEGV, as the AMX bug does;
+# "self-test-always" crashes the safe path's too.
+FAULT_ENV = "OFFGRID_ENGINE_FAULT"
+
+
+@contextlib.contextmanager
+def _model_params(**fields):
+    """Set llama_model_params fields that Llama() has no argument for, for the models loaded inside the block."""
+    original = llama_lib.llama_model_default_params
+
+    def params():
+        p = original()
+        for key, value in fields.items():
+            setattr(p, key, value)
+        return p
+
+    llama_lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_lib.llama_model_default_params = original
+
+
 class Engine(llama_cpp.Llama):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, safe: bool = False, **kwargs):
+        self.safe = safe
+        with _model_params(use_extra_bufts=False) if safe else contextlib.nullcontext():
+            super().__init__(*args, **kwargs)
         self.vocab_size = self.n_vocab()
 
     def sample(self, *, top_k: int = 40, temp: float = 0.8, repeat_penalty: float = 1.0,
@@ -64,3 +101,39 @@ class Engine(llama_cpp.Llama):
         token = array.data[array.selected].id  # a step may point `data` at its own buffer
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+
+@dataclass(frozen=True, slots=True)
+class SelfTest:
+    tokens: int
+    seconds: float
+    text: str
+    safe: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfTestFailed(RuntimeError):
+    pass
+
+
+def self_test(engine: Engine) -> SelfTest:
+    """Decode a few tokens greedily and check the logits are numbers: proves the kernels this CPU will run."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == "self-test-always" or (fault == "self-test" and not engine.safe):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    begun = time.perf_counter()
+    tokens = engine.tokenize(SELF_TEST_PROMPT.encode(), add_bos=True)
+    out: list[int] = []
+    for token in engine.generate(tokens, temp=0.0, reset=True):
+        if not np.isfinite(engine._logits(-1)).all():
+            raise SelfTestFailed("the engine produced logits that are not numbers")
+        out.append(token)
+        if len(out) == SELF_TEST_TOKENS:
+            break
+    engine.reset()
+    if not out:
+        raise SelfTestFailed("the engine produced no token")
+    text = engine.detokenize(out).decode("utf-8", errors="replace")
+    return SelfTest(len(out), round(time.perf_counter() - begun, 3), text, engine.safe)

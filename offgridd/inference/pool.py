@@ -37,6 +37,8 @@ class ModelPool:
         self.workers: dict[str, InferenceWorker] = {}
         self.bad: dict[str, str] = {}  # model -> why it is not used any more
         self.notes: dict[str, str] = {}  # requested model -> what was changed to serve it
+        self.safe_path: dict[str, str] = {}  # model -> why its engine runs without repacked weights
+        metrics.degraded.labels("engine-safe-mode").set(0)
         self.threads = settings.threads or default_threads()
         self._loading = asyncio.Lock()
 
@@ -82,9 +84,11 @@ class ModelPool:
             name=name, path=self.store.path_of(plan.manifest), threads=self.threads, ctx=plan.ctx,
             batch=self.settings.batch, gpu_layers=self.settings.gpu_layers, flash_attn=self.settings.flash_attn,
             memory_limit=self.settings.worker_memory_limit, start_timeout=self.settings.worker_start_timeout,
+            safe=name in self.safe_path,
         )
         worker = self.workers[name] = InferenceWorker(config, on_restart=self._restarted,
-                                                      on_abandoned=self._abandoned, on_failed=self.mark_bad)
+                                                      on_abandoned=self._abandoned, on_failed=self.mark_bad,
+                                                      on_safe_path=self._on_safe_path)
         self.metrics.add_model(name)
         await self._evict_idle(keep=name)
         await worker.start()
@@ -96,6 +100,10 @@ class ModelPool:
             log.error("model %s marked bad: %s", name, reason)
             self.bad[name] = reason
             self.metrics.model_loaded.labels(name).set(0)
+
+    def _on_safe_path(self, name: str, reason: str) -> None:
+        self.safe_path[name] = reason  # later loads of this model start on the safe path
+        self.metrics.degraded.labels("engine-safe-mode").set(1)
 
     def _restarted(self, name: str) -> None:
         self.metrics.worker_restarts.labels(name).inc()

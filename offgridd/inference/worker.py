@@ -118,6 +118,7 @@ class Worker:
         self.llm = Engine(
             model_path=args.model_path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
             n_batch=args.batch, n_gpu_layers=args.gpu_layers, flash_attn=bool(args.flash_attn), verbose=False,
+            safe=bool(args.safe),
         )
         if args.threads_now != args.threads:
             self.set_threads(args.threads_now)
@@ -170,9 +171,9 @@ class Worker:
                 if not until_ack:
                     return
 
-    def serve(self) -> None:
+    def serve(self, checked: dict) -> None:
         self.channel.send({"op": "ready", "version": VERSION, "model": self.args.model_name, "n_ctx": self.n_ctx,
-                           "pid": os.getpid(), "chat_template": bool(self.template)})
+                           "pid": os.getpid(), "chat_template": bool(self.template), "self_test": checked})
         while not self.closed:
             if not self.inbox:
                 self.pump(None)
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flash-attn", type=int, default=1)
     parser.add_argument("--threads-now", type=int, default=0, help="threads to use now (lowered when hot)")
     parser.add_argument("--memory-limit", type=int, default=0, help="address-space limit in bytes")
+    parser.add_argument("--safe", type=int, default=0, help="load without repacked weights (after an engine fault)")
     args = parser.parse_args(argv)
     args.threads_now = args.threads_now or args.threads
     if args.memory_limit:
@@ -300,7 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError, MemoryError) as e:
         channel.send({"op": "error", "id": 0, "status": 500, "message": f"model failed to load: {e}"})
         return 1
-    worker.serve()
+    # From here a failure is the engine's, not the model's: the daemon may load again on the safe path.
+    from .engine import SelfTestFailed, self_test
+
+    channel.send({"op": "loaded", "safe": bool(args.safe)})
+    try:
+        checked = self_test(worker.llm).to_dict()
+    except (SelfTestFailed, ValueError, RuntimeError) as e:
+        channel.send({"op": "error", "id": 0, "status": 500, "message": f"engine self-test failed: {e}"})
+        return 3
+    worker.serve(checked)
     return 0
 
 
