@@ -21,8 +21,9 @@ from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from offgridd.peers.exchange import sign_request
 from offgridd.peers.fleet import NodeIdentity, load_identity, save_identity
-from offgridd.peers.protocol import MAX_SKEW_S, _mac, inventory_digest, new_nonce
+from offgridd.peers.protocol import _mac, inventory_digest
 from offgridd.store import ModelStore
 
 INTERVAL = "0.5"
@@ -60,6 +61,15 @@ def peers_of(daemon: Daemon) -> dict:
 def peer_names(daemon: Daemon) -> set[str]:
     return {p["name"] for p in peers_of(daemon)["peers"]}
 
+
+
+def member_call(daemon: Daemon, key: bytes, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+    """Headers of a call a fleet member makes to `daemon` (which tells anyone its node id and start count)."""
+    me = peers_of(daemon)["node"]
+    host = daemon.url.removeprefix("http://")
+    headers, _ = sign_request(key, node=secrets.token_hex(16), boot=1, seq=1, to_node=me["node"], to_boot=me["boot"],
+                              method=method, path=path, target=host, body=body)
+    return headers
 
 
 def big_model(path: Path, megabytes: int) -> Path:
@@ -116,7 +126,7 @@ def test_two_boxes_listing_each_other_find_each_other_and_a_stranger_is_ignored(
                              text=True, timeout=30)
         assert out.returncode == 0 and "box-b" in out.stdout and b.url in out.stdout, out
         # the stranger cannot read the inventory or the blobs, even knowing the address
-        status, _, body = http("GET", f"{a.url}/fleet/v1/inventory")
+        status, _, body = http("GET", f"{a.url}/fleet/v2/inventory")
         assert status == 403 and json.loads(body)["error"]["code"] == "fleet_key_mismatch"
 
         b.stop()
@@ -142,21 +152,22 @@ def test_hostile_datagrams_are_dropped_by_reason_and_the_daemon_keeps_serving(mo
 
             send_garbage()
 
-            def crafted(version=1, ts=None, nonce=None, sign_key=key, **changes) -> bytes:
+            def crafted(version=2, sign_key=key, **changes) -> bytes:
                 body = {"node": "12" * 16, "name": "intruder", "port": 1, "ver": "9", "inv": "0" * 16,
-                        "models": 0, "load": 0, "queue": 0, "every": 0.5, "ts": time.time() if ts is None else ts,
-                        "nonce": nonce or new_nonce(), **changes}
+                        "models": 0, "load": 0, "queue": 0, "every": 0.5, "boot": 1, "seq": 1, "clock": 0.0,
+                        **changes}
                 raw = msgpack.packb(body)
                 return msgpack.packb([version, raw, _mac(sign_key, raw)])
 
-            # a capture of one of box B's announcements, played again by someone on the LAN
+            # a capture of box B's first announcement, played again by someone on the LAN long after
             replayed = crafted(node=load_identity(b.state).node_id, name="box-b", port=int(b.url.rsplit(":", 1)[1]))
-            for data in (crafted(sign_key=bytes(32)), crafted(ts=time.time() - 10 * MAX_SKEW_S), replayed, replayed,
-                         crafted(version=99), b"\x00" * 2000, b"\xc1\xc1", crafted(port="eighty")):
+            # signed with the key (a member's) but from a node nobody can reach at that address: never taken
+            for data in (crafted(sign_key=bytes(32)), crafted(), replayed, replayed, crafted(version=99),
+                         b"\x00" * 2000, b"\xc1\xc1", crafted(port="eighty")):
                 s.sendto(data, target)
-        wait_for(lambda: a.metric("offgridd_peer_datagrams_dropped_total", reason="replay") >= 1,
+        wait_for(lambda: a.metric("offgridd_peer_datagrams_dropped_total", reason="unproven") >= 1,
                  what="the crafted datagrams to be counted")
-        for why in ("hmac", "stale", "replay", "version", "oversized", "malformed"):
+        for why in ("hmac", "unproven", "replay", "version", "oversized", "malformed"):
             assert a.metric("offgridd_peer_datagrams_dropped_total", reason=why) >= 1, why
         assert a.health()[0] == 200
         time.sleep(1.0)
@@ -213,7 +224,7 @@ def test_a_pull_killed_halfway_resumes_from_where_it_stopped_after_either_side_r
         b.proc.wait()
         kept = partial_size()
         assert size // 4 < kept < size
-        b = start_peer(state_b, pb, [pa], **slow)
+        b = start_peer(state_b, pb, [pa], wait=False, **slow)  # watched while it loads: the pull starts at once
         wait_for(lambda: partial_size() > kept + size // 8, what="the pull to resume past the first interruption")
         assert b.metric("offgridd_peer_pull_bytes_total", source="partial") == kept
         a.proc.send_signal(signal.SIGKILL)  # now the sender goes away
@@ -308,9 +319,15 @@ def test_a_chat_request_for_a_model_only_a_peer_has_is_answered_through_routing(
             assert overflow.headers["x-offgrid-node"] == node_a
         assert b.metric("offgridd_admission_rejected_total", reason="queue_full") >= 1
         # A request routed once is never routed again: A answers 404 itself rather than bounce it back
-        status, headers, _ = http("POST", f"{a.url}/v1/chat/completions", {"model": "nobody-has-this",
-                                  "messages": messages}, headers={"X-Offgrid-Hop": node_b})
+        body = json.dumps({"model": "nobody-has-this", "messages": messages}).encode()
+        status, _, _ = http("POST", f"{a.url}/v1/chat/completions", body, headers={
+            "X-Offgrid-Hop": node_b, "Content-Type": "application/json",
+            **member_call(a, key, "POST", "/v1/chat/completions", body)})
         assert status == 404
+        # and the hop header alone, without a member's signature for this call, is refused
+        status, _, _ = http("POST", f"{a.url}/v1/chat/completions", body, headers={
+            "X-Offgrid-Hop": node_b, "Content-Type": "application/json"})
+        assert status == 403
     finally:
         stop_all(a, b)
 

@@ -1,9 +1,10 @@
 """Peers: boxes on one LAN find each other, share models and serve each other's requests (docs/peers.md)."""
 
 from .http import peer_service, setup_routes
+from .peer import Peer
 from .protocol import PROTOCOL_VERSION, DatagramRejected, PeerAnnouncement, read_announcement
 from .routing import route_to_peer
-from .service import Peer, PeerService
+from .service import PeerService
 
 
 def peer_service_factory(rt) -> PeerService | None:

@@ -1,28 +1,31 @@
-"""The node's identity and fleet key in $STATE/node.json (0600), and the signature peers put on HTTP calls."""
+"""The node's identity and fleet key in $STATE/node.json (0600); files there are never written through a symlink.
+
+`fleet join` and `fleet rotate` run as root in a directory the daemon's user owns, so that user could plant a
+symbolic link where root is about to write or read: every file here is opened with O_NOFOLLOW, new files with O_EXCL
+under a random name, then renamed into place (a rename replaces a link, it never follows one).
+"""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
-import hmac
 import json
 import logging
 import os
 import re
 import secrets
 import socket
-import time
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .protocol import MAX_SKEW_S, NODE_RE, ReplayGuard
+from .protocol import NODE_RE
 
 log = logging.getLogger(__name__)
 
 NODE_FILE = "node.json"
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-FLEET_HEADER = "X-Offgrid-Fleet"
-HTTP_DOMAIN = "offgridd fleet http v1"
+MAX_STATE_FILE = 1 << 16
 
 
 class FleetKeyError(ValueError):
@@ -48,11 +51,58 @@ def parse_fleet_key(text: str) -> bytes:
     return bytes.fromhex(cleaned)
 
 
+def read_state_file(state: Path, name: str) -> str:
+    """Blocking: a small file of the state directory, refused when it is a symbolic link; made private if it was not."""
+    path = Path(state) / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FleetKeyError(f"{path} is a symbolic link; offgridd does not follow it: remove it") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FleetKeyError(f"{path} is not a regular file; remove it")
+        if st.st_mode & 0o077:
+            log.warning("%s was readable by others; restricting it to its owner", path)
+            os.fchmod(f.fileno(), 0o600)
+        return f.read(MAX_STATE_FILE).decode()
+
+
+def write_state_file(state: Path, name: str, text: str) -> None:
+    """Blocking: replace a file of the state directory atomically, mode 0600, owned like the state directory."""
+    state = Path(state)
+    state.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        owner = os.fstat(dir_fd)  # a file written by root belongs to the daemon's user, who owns the directory
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+                if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def load_identity(state: Path) -> NodeIdentity:
     """Read node.json, creating it (new node id, new fleet key) on first start. Blocking."""
     path = Path(state) / NODE_FILE
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_state_file(state, NODE_FILE))
         identity = NodeIdentity(node_id=data["node_id"], name=data["name"],
                                 fleet_key=parse_fleet_key(data["fleet_key"]))
         if not NODE_RE.fullmatch(identity.node_id):
@@ -63,33 +113,25 @@ def load_identity(state: Path) -> NodeIdentity:
         save_identity(state, identity)
         log.info("new node %s: generated a fleet key in %s", identity.node_id, path)
         return identity
+    except FleetKeyError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FleetKeyError(f"{path} is unreadable ({e}); fix it or remove it to start a new fleet") from None
-    if path.stat().st_mode & 0o077:
-        log.warning("%s was readable by others; restricting it to its owner", path)
-        os.chmod(path, 0o600)
     return identity
 
 
 def save_identity(state: Path, identity: NodeIdentity) -> None:
-    """Write node.json atomically with mode 0600, keeping the owner of an existing file (the daemon's user)."""
-    path = Path(state) / NODE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    st = path.stat() if path.exists() else path.parent.stat()  # a new file belongs to the state dir's owner
-    owner = (st.st_uid, st.st_gid)
-    tmp = path.with_name(f".{NODE_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    write_state_file(state, NODE_FILE, json.dumps(
+        {"node_id": identity.node_id, "name": identity.name, "fleet_key": identity.fleet_key.hex()}, indent=2))
+
+
+def identity_mark(state: Path) -> tuple[int, int, int] | None:
+    """What changes when node.json is replaced: a daemon compares it before trusting its key (one stat call)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"node_id": identity.node_id, "name": identity.name, "fleet_key": identity.fleet_key.hex()},
-                      f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(PermissionError):
-            os.chown(tmp, *owner)
-        os.rename(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        st = os.stat(Path(state) / NODE_FILE, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def join_fleet(state: Path, key_text: str) -> NodeIdentity:
@@ -98,32 +140,6 @@ def join_fleet(state: Path, key_text: str) -> NodeIdentity:
     return identity
 
 
-def _http_mac(key: bytes, node: str, ts: str, nonce: str, method: str, path: str) -> str:
-    message = "\n".join((HTTP_DOMAIN, node, ts, nonce, method.upper(), path)).encode()
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
-
-
-def sign_request(identity: NodeIdentity, method: str, path: str) -> dict[str, str]:
-    """The header that proves a call to a peer comes from a member of the fleet."""
-    ts, nonce = f"{time.time():.3f}", secrets.token_hex(12)
-    mac = _http_mac(identity.fleet_key, identity.node_id, ts, nonce, method, path)
-    return {FLEET_HEADER: f"{identity.node_id} {ts} {nonce} {mac}"}
-
-
-def verify_request(key: bytes, header: str, method: str, path: str, guard: ReplayGuard) -> str:
-    """The calling node's id, or FleetKeyError saying why the call is refused."""
-    parts = header.split(" ")
-    if len(parts) != 4 or not NODE_RE.fullmatch(parts[0]) or not re.fullmatch(r"[0-9a-f]{24}", parts[2]):
-        raise FleetKeyError(f"missing or malformed {FLEET_HEADER} header")
-    node, ts, nonce, mac = parts
-    try:
-        when = float(ts)
-    except ValueError:
-        raise FleetKeyError("bad timestamp") from None
-    if not hmac.compare_digest(mac.encode(), _http_mac(key, node, ts, nonce, method, path).encode()):
-        raise FleetKeyError("signature does not match this fleet's key")
-    if not abs(time.time() - when) <= MAX_SKEW_S:
-        raise FleetKeyError("signature is too old or from a clock that disagrees with this node's")
-    if not guard.fresh(bytes.fromhex(nonce)):
-        raise FleetKeyError("signature was already used")
-    return node
+def rotate_fleet_key(state: Path) -> NodeIdentity:
+    """A new key for this box; the others join it. Only one key is ever accepted, so the old one dies with the file."""
+    return join_fleet(state, secrets.token_bytes(32).hex())

@@ -1,4 +1,4 @@
-"""HTTP surfaces of the peers subsystem: /api/v1/peers for people, /fleet/v1/* for peers (signed with the fleet key)."""
+"""HTTP surfaces of the peers subsystem: /api/v1/peers for people, /fleet/v2/* for peers (signed with the fleet key)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,28 @@ from ..api.errors import ApiError
 from ..api.keys import RUNTIME
 from ..runtime import Runtime
 from ..store.store import SHA256_RE
-from .fleet import FLEET_HEADER, FleetKeyError, verify_request
+from .exchange import (
+    ANSWER_HEADER,
+    BLOB_PATH,
+    CHALLENGE_HEADER,
+    HELLO_PATH,
+    INVENTORY_PATH,
+    REQUEST_HEADER,
+    ExchangeRefused,
+    FleetCall,
+    digest,
+    endpoint,
+    sign_answer,
+    valid_challenge,
+    verify_request,
+)
 from .protocol import inventory_digest
-from .service import BLOB_PATH, INVENTORY_PATH, PeerService
+from .service import PeerService
 
 NODE_HEADER = "X-Offgrid-Node"  # the node that served a response: routing keeps the peer's
 SEND_BLOCK = 1 << 20
+# the nonce (or challenge) this request's answer is bound to, set once the request is known to be a fleet call
+ANSWER_TO = web.RequestKey("offgridd_fleet_answer_to", str)
 
 
 def peer_service(rt: Runtime) -> PeerService | None:
@@ -28,20 +44,46 @@ async def list_peers(request: web.Request) -> web.Response:
                               "peers": [p.to_dict() for p in service.peers_by_load()]})
 
 
-def _member(request: web.Request) -> PeerService:
+def _local(request: web.Request) -> str:
+    """The address and port this connection arrived at, which no relay can choose."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return endpoint(sockname[0], sockname[1]) if sockname else ""
+
+
+async def fleet_call(request: web.Request) -> tuple[PeerService, FleetCall]:
+    """The verified call of a fleet member, or 403 saying why it is refused (counted by reason)."""
     service = peer_service(request.app[RUNTIME])
     if service is None or service.identity is None:
         raise ApiError(404, "peers are disabled on this node", code="peers_disabled")
+    header = request.headers.get(REQUEST_HEADER, "")
+    parts = header.split(" ")
+    if len(parts) == 8 and len(parts[6]) == 24:
+        request[ANSWER_TO] = parts[6]  # even a refusal is signed, so a member knows it is this node refusing
+    body = await request.read() if request.can_read_body else b""
     try:
-        verify_request(service.identity.fleet_key, request.headers.get(FLEET_HEADER, ""), request.method,
-                       request.path, service.http_guard)
-    except FleetKeyError as e:
-        raise ApiError(403, f"not a member of this fleet: {e}", code="fleet_key_mismatch") from None
-    return service
+        call = verify_request(service.key(), header, me=service.identity.node_id, my_boot=service.boot,
+                              method=request.method, path=request.raw_path, local=_local(request),
+                              body_digest=digest(body), window=service.window)
+    except ExchangeRefused as e:
+        service.refusals.labels(e.reason).inc()
+        raise ApiError(403, f"not a call from this fleet: {e}", code="fleet_key_mismatch") from None
+    return service, call
+
+
+async def hello(request: web.Request) -> web.Response:
+    """Anyone may challenge this node; the answer proves, to members only, that this node holds the key here."""
+    service = peer_service(request.app[RUNTIME])
+    challenge = request.headers.get(CHALLENGE_HEADER, "")
+    if service is None or service.identity is None:
+        raise ApiError(404, "peers are disabled on this node", code="peers_disabled")
+    if not valid_challenge(challenge):
+        raise ApiError(400, f"{CHALLENGE_HEADER} must be 32 hex digits", code="bad_challenge")
+    request[ANSWER_TO] = challenge
+    return web.json_response(service.announcement().body())
 
 
 async def inventory(request: web.Request) -> web.Response:
-    service = _member(request)
+    service, _ = await fleet_call(request)
     rt = service.rt
     manifests = await request.app.loop.run_in_executor(None, rt.store.list)
     return web.json_response({
@@ -56,7 +98,7 @@ async def inventory(request: web.Request) -> web.Response:
 
 async def blob(request: web.Request) -> web.StreamResponse:
     """A committed model's bytes, with HTTP Range for resuming; only digests a manifest names are served."""
-    service = _member(request)
+    service, _ = await fleet_call(request)
     sha = request.match_info["sha256"]
     manifests = await request.app.loop.run_in_executor(None, service.rt.store.list) if SHA256_RE.fullmatch(sha) else []
     if not any(m.sha256 == sha for m in manifests):
@@ -64,14 +106,25 @@ async def blob(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(service.rt.store.blob_path(sha), chunk_size=SEND_BLOCK)
 
 
-async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
+async def _sign_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response names its node; an answer to a fleet call or a challenge is signed, bound to that request."""
     service = peer_service(request.app[RUNTIME])
-    if service is not None and service.identity is not None and NODE_HEADER not in response.headers:
-        response.headers[NODE_HEADER] = service.identity.node_id
+    if service is None or service.identity is None:
+        return
+    response.headers.setdefault(NODE_HEADER, service.identity.node_id)
+    bound_to = request.get(ANSWER_TO)
+    if bound_to is None:
+        return
+    body = response.body if isinstance(response, web.Response) and isinstance(response.body, bytes) else None
+    response.headers[ANSWER_HEADER] = sign_answer(
+        service.key(), node=service.identity.node_id, bound_to=bound_to, local=_local(request),
+        status=response.status, content_type=response.content_type,
+        content_range=response.headers.get("Content-Range", ""), body_digest=digest(body) if body is not None else None)
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/peers", list_peers)
+    app.router.add_get(HELLO_PATH, hello)
     app.router.add_get(INVENTORY_PATH, inventory)
     app.router.add_get(BLOB_PATH + "{sha256}", blob)
-    app.on_response_prepare.append(_tag_response)
+    app.on_response_prepare.append(_sign_response)

@@ -1,32 +1,34 @@
-"""The peer announcement datagram (docs/peers.md): msgpack, at most 1,400 bytes, HMAC-SHA256 under the fleet key."""
+"""The peer announcement datagram (docs/peers.md): msgpack, at most 1,400 bytes, HMAC-SHA256 under the fleet key.
+
+An announcement is a hint, never a proof: it carries the sender's start count (`boot`) and a counter (`seq`) so a
+receiver that has already proved the sender (exchange.py) refuses replays, and otherwise it only prompts a challenge.
+No field depends on the receiver's clock agreeing with the sender's; `clock` is shown, not checked.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
-import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_DATAGRAM = 1400
-MAX_SKEW_S = 120.0  # the fleet's clocks must agree this closely; older or newer announcements are dropped
-NONCE_BYTES = 12
 MAC_BYTES = 32
-DOMAIN = b"offgridd peer announcement v1\n"  # a MAC for a datagram can never be mistaken for an HTTP signature
-DROP_REASONS = ("oversized", "malformed", "version", "hmac", "stale", "replay")
+MAX_COUNT = (1 << 63) - 1
+DOMAIN = b"offgridd peer announcement v2\n"  # a MAC for a datagram can never be mistaken for an HTTP signature
+# unproven: the node at the datagram's source address could not answer a challenge under the fleet key
+DROP_REASONS = ("oversized", "malformed", "version", "hmac", "replay", "unproven")
 
 NODE_RE = re.compile(r"^[0-9a-f]{32}$")
 INVENTORY_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 class DatagramRejected(Exception):
-    """A datagram that is not a fresh, authentic announcement; `reason` is one of DROP_REASONS."""
+    """A datagram that is not an authentic announcement; `reason` is one of DROP_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -44,23 +46,21 @@ class PeerAnnouncement:
     load: int  # inference requests in progress
     queue: int  # requests waiting for a worker
     every: float  # seconds between announcements: receivers expire the node after a few silent ones
-    ts: float
-    nonce: bytes
+    boot: int  # how many times the sender has started (persisted): a replay from an earlier start is older
+    seq: int  # counts the sender's datagrams within this start
+    clock: float  # the sender's wall clock, for people to see how far apart the boxes' clocks are
+
+    def body(self) -> dict:
+        return {"node": self.node, "name": self.name, "port": self.http_port, "ver": self.version,
+                "inv": self.inventory, "models": self.models, "load": self.load, "queue": self.queue,
+                "every": self.every, "boot": self.boot, "seq": self.seq, "clock": self.clock}
 
     def encode(self, key: bytes) -> bytes:
-        body = msgpack.packb({
-            "node": self.node, "name": self.name, "port": self.http_port, "ver": self.version,
-            "inv": self.inventory, "models": self.models, "load": self.load, "queue": self.queue,
-            "every": self.every, "ts": self.ts, "nonce": self.nonce,
-        })
+        body = msgpack.packb(self.body())
         datagram = msgpack.packb([PROTOCOL_VERSION, body, _mac(key, body)])
         if len(datagram) > MAX_DATAGRAM:
             raise ValueError(f"announcement is {len(datagram)} bytes, over {MAX_DATAGRAM}")
         return datagram
-
-
-def new_nonce() -> bytes:
-    return os.urandom(NONCE_BYTES)
 
 
 def inventory_digest(models: Iterable[tuple[str, str]]) -> str:
@@ -82,10 +82,30 @@ def _field(body: dict, key: str, kind: type, check=lambda v: True):
     return value
 
 
-def read_announcement(data: bytes, key: bytes, now: float | None = None) -> PeerAnnouncement:
+def announcement_from(body: dict) -> PeerAnnouncement:
+    """The announcement a body map describes (a datagram's, or a hello answer's), or DatagramRejected("malformed")."""
+    if not isinstance(body, dict):
+        raise DatagramRejected("malformed", "body is not a map")
+    return PeerAnnouncement(
+        node=_field(body, "node", str, NODE_RE.fullmatch),
+        name=_field(body, "name", str, lambda v: 0 < len(v) <= 64 and v.isprintable()),
+        http_port=_field(body, "port", int, lambda v: 1 <= v <= 65535),
+        version=_field(body, "ver", str, lambda v: len(v) <= 32 and v.isprintable()),
+        inventory=_field(body, "inv", str, INVENTORY_RE.fullmatch),
+        models=_field(body, "models", int, lambda v: 0 <= v <= 1 << 20),
+        load=_field(body, "load", int, lambda v: 0 <= v <= 1 << 20),
+        queue=_field(body, "queue", int, lambda v: 0 <= v <= 1 << 20),
+        every=_field(body, "every", float, lambda v: 0.1 <= v <= 3600),
+        boot=_field(body, "boot", int, lambda v: 0 < v <= MAX_COUNT),
+        seq=_field(body, "seq", int, lambda v: 0 <= v <= MAX_COUNT),
+        clock=_field(body, "clock", float, lambda v: abs(v) < 1e12),  # not NaN, not infinite
+    )
+
+
+def read_announcement(data: bytes, key: bytes) -> PeerAnnouncement:
     """Parse and authenticate one datagram, or raise DatagramRejected naming why it is dropped.
 
-    Replays are the listener's business (it remembers nonces); everything else is checked here.
+    Whether it is fresh is the listener's business: it compares (boot, seq) with what the sender last proved.
     """
     if len(data) > MAX_DATAGRAM:
         raise DatagramRejected("oversized", f"{len(data)} bytes")
@@ -108,39 +128,4 @@ def read_announcement(data: bytes, key: bytes, now: float | None = None) -> Peer
                                max_map_len=16, max_ext_len=0)
     except Exception as e:
         raise DatagramRejected("malformed", f"body: {type(e).__name__}") from None
-    if not isinstance(body, dict):
-        raise DatagramRejected("malformed", "body is not a map")
-    ann = PeerAnnouncement(
-        node=_field(body, "node", str, NODE_RE.fullmatch),
-        name=_field(body, "name", str, lambda v: 0 < len(v) <= 64 and v.isprintable()),
-        http_port=_field(body, "port", int, lambda v: 1 <= v <= 65535),
-        version=_field(body, "ver", str, lambda v: len(v) <= 32 and v.isprintable()),
-        inventory=_field(body, "inv", str, INVENTORY_RE.fullmatch),
-        models=_field(body, "models", int, lambda v: 0 <= v <= 1 << 20),
-        load=_field(body, "load", int, lambda v: 0 <= v <= 1 << 20),
-        queue=_field(body, "queue", int, lambda v: 0 <= v <= 1 << 20),
-        every=_field(body, "every", float, lambda v: 0.1 <= v <= 3600),
-        ts=_field(body, "ts", float, lambda v: v == v),  # not NaN
-        nonce=_field(body, "nonce", bytes, lambda v: len(v) == NONCE_BYTES),
-    )
-    now = time.time() if now is None else now
-    if abs(now - ann.ts) > MAX_SKEW_S:
-        raise DatagramRejected("stale", f"timestamp {ann.ts:.0f} is {now - ann.ts:+.0f}s from this node's clock")
-    return ann
-
-
-class ReplayGuard:
-    """Remembers nonces for as long as their timestamps are acceptable; only authentic messages reach it."""
-
-    def __init__(self, limit: int = 100_000):
-        self.limit = limit
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
-
-    def fresh(self, nonce: bytes, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) >= self.limit):
-            self._seen.popitem(last=False)
-        if nonce in self._seen:
-            return False
-        self._seen[nonce] = now + 2 * MAX_SKEW_S
-        return True
+    return announcement_from(body)

@@ -7,12 +7,15 @@ import json
 import logging
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from ..api.keys import RUNTIME
 from ..inference import Overloaded
 from ..store import UnknownModel
-from .http import NODE_HEADER, peer_service
+from .exchange import ExchangeRefused
+from .http import NODE_HEADER, fleet_call, peer_service
+from .protocol import DatagramRejected
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +34,31 @@ async def route_to_peer(request: web.Request, model: str) -> web.StreamResponse 
     if not candidates:
         return None
     body = await request.read()  # aiohttp keeps the body it already read for the handler
-    headers = {"Content-Type": request.headers.get("Content-Type", "application/json"),
-               HOP_HEADER: service.identity.node_id}
-    if "Authorization" in request.headers:  # a fleet behind an api_key shares that key
-        headers["Authorization"] = request.headers["Authorization"]
+    path = request.raw_path
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=rt.settings.worker_start_timeout)
     for i, peer in enumerate(candidates):
         try:
-            upstream = await service.session.post(peer.url + request.path_qs, data=body, headers=headers,
-                                                   timeout=timeout)
+            # the client's Authorization goes only to a node that proved just now, at this address, that it is a member
+            peer = await service.prove(peer)
+        except (ExchangeRefused, DatagramRejected, aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+            log.warning("not routing %s to peer %s: it did not prove itself (%s)", model, peer.name,
+                        e or type(e).__name__)
+            continue
+        headers, nonce = service.sign_call(peer, "POST", path, body)
+        headers.update({"Content-Type": request.headers.get("Content-Type", "application/json"),
+                        HOP_HEADER: service.identity.node_id})
+        if "Authorization" in request.headers:  # a fleet behind an api_key shares that key
+            headers["Authorization"] = request.headers["Authorization"]
+        try:
+            upstream = await service.session.post(yarl.URL(peer.url + path, encoded=True), data=body,
+                                                   headers=headers, timeout=timeout)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("routing %s to peer %s failed: %s", model, peer.name, e or type(e).__name__)
+            continue
+        try:
+            service.check_answer(upstream, node=peer.node, bound_to=nonce, dialed=peer.endpoint)
+        except ExchangeRefused:
+            upstream.release()
             continue
         try:
             if upstream.status in (404, 503) and i + 1 < len(candidates):
@@ -71,6 +88,8 @@ def routable(handler):
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
+        if HOP_HEADER in request.headers:
+            await fleet_call(request)  # served only when a member signed it for this start of this node, once
         try:
             return await handler(request)
         except (UnknownModel, Overloaded):

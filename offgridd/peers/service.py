@@ -1,71 +1,53 @@
-"""PeerService: announce this node on the LAN, listen for the others, keep the table of live peers."""
+"""PeerService: announce this node on the LAN, prove the nodes it hears, keep the table of live peers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client import Counter
 
 from .. import __version__
 from ..runtime import Runtime
-from ..store.store import SHA256_RE, ModelManifest, valid_name
-from .fleet import NODE_FILE, NodeIdentity, load_identity, sign_request
+from ..store.store import ModelManifest
+from .exchange import (
+    ANSWER_HEADER,
+    CHALLENGE_HEADER,
+    HELLO_PATH,
+    INVENTORY_PATH,
+    REFUSALS,
+    ExchangeRefused,
+    SeqWindow,
+    count_boot,
+    endpoint,
+    new_challenge,
+    sign_request,
+    verify_answer,
+)
+from .fleet import FleetKeyError, NodeIdentity, identity_mark, load_identity
+from .peer import Peer, good_entry, parse_static
 from .protocol import (
     DROP_REASONS,
     DatagramRejected,
     PeerAnnouncement,
-    ReplayGuard,
+    announcement_from,
     inventory_digest,
-    new_nonce,
     read_announcement,
 )
 from .sync import ModelPuller
 
 log = logging.getLogger(__name__)
 
-EXPIRE_AFTER = 3  # silent announcement intervals before a peer is forgotten
-INVENTORY_PATH = "/fleet/v1/inventory"
-BLOB_PATH = "/fleet/v1/blobs/"
 MAX_INVENTORY_BYTES = 1 << 20
+MAX_HELLO_BYTES = 4096
 LOAD_CHECK_S = 0.5
-
-
-@dataclass(slots=True, kw_only=True, eq=False)
-class Peer:
-    node: str
-    name: str
-    address: str
-    http_port: int
-    version: str
-    inventory: str
-    models_count: int
-    load: int
-    queue: int
-    every: float
-    first_seen: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.monotonic)
-    models: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", ...} from its inventory
-    fetched: str = ""  # the inventory digest `models` matches
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.http_port}"
-
-    def expired(self, now: float) -> bool:
-        return now - self.last_seen > EXPIRE_AFTER * self.every
-
-    def to_dict(self) -> dict:
-        return {"node": self.node, "name": self.name, "address": self.address, "http_port": self.http_port,
-                "url": self.url, "version": self.version, "models": sorted(self.models),
-                "model_count": self.models_count, "load": self.load, "queue": self.queue,
-                "first_seen": self.first_seen, "last_seen_s": round(time.monotonic() - self.last_seen, 1)}
+PROBE_GAP_S = 1.0  # an address that failed a challenge is not challenged again sooner (nor a datagram's sender)
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -79,16 +61,6 @@ class _Listener(asyncio.DatagramProtocol):
         log.debug("peer socket error: %s", exc)
 
 
-def parse_static(entries: list[str]) -> list[tuple[str, int]]:
-    out = []
-    for entry in entries:
-        host, sep, port = entry.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"peers.static entry {entry!r} is not 'host:port'")
-        out.append((host.strip("[]"), int(port)))
-    return out
-
-
 class PeerService:
     name = "peers"
 
@@ -96,19 +68,24 @@ class PeerService:
         self.rt = rt
         self.settings = rt.settings.peers
         self.identity: NodeIdentity | None = None
+        self.boot = 0  # this node's count of starts: what it signs announcements and answers for
+        self.sent = 0  # announcements sent in this start
+        self.calls = 0  # signed calls made in this start
+        self.window = SeqWindow()  # counters of the calls members made to this start of this node
         self.peers: dict[str, Peer] = {}
-        self.guard = ReplayGuard()
-        self.http_guard = ReplayGuard()
         self.multicast = False
         self.session: aiohttp.ClientSession | None = None
         self.puller = ModelPuller(self)
         self.static: list[tuple[str, int]] = []
         self.inventory: list[ModelManifest] = []
         self.digest = inventory_digest([])
+        self.refusals = Counter("offgridd_peer_exchanges_refused", "Calls and answers between peers refused",
+                                ["reason"], registry=rt.metrics.registry)
+        self._probes: dict[str, tuple[float, bool | None]] = {}  # endpoint -> (when, proved: None while asking)
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
-        self._identity_mtime = 0.0
+        self._mark = None
         self._announced_load = (0, 0)
 
     @property
@@ -126,17 +103,21 @@ class PeerService:
                 raise ValueError(f"peers.interface {self.settings.interface!r} is not an IPv4 address") from None
         self.static = parse_static(self.settings.static)
         loop = asyncio.get_running_loop()
-        self.identity = await loop.run_in_executor(None, load_identity, self.rt.settings.state)
-        self._identity_mtime = await loop.run_in_executor(None, self._node_file_mtime)
+        state = self.rt.settings.state
+        self.identity = await loop.run_in_executor(None, load_identity, state)
+        self._mark = await loop.run_in_executor(None, identity_mark, state)
+        self.boot = await loop.run_in_executor(None, count_boot, state)
         self._transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=self._open_socket())
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60))
         for reason in DROP_REASONS:
             self.rt.metrics.peer_datagrams_dropped.labels(reason)
+        for reason in REFUSALS:
+            self.refusals.labels(reason)
         self._spawn(self._announce_loop(), "peer-announce")
         self._spawn(self._watch_bus(), "peer-bus")
         self._spawn(self.puller.run(), "peer-sync")
-        log.info("peers: node %s (%s), fleet %s, multicast %s, static %s", self.identity.node_id,
-                 self.identity.name, self.identity.key_fingerprint,
+        log.info("peers: node %s (%s), start %d, fleet %s, multicast %s, static %s", self.identity.node_id,
+                 self.identity.name, self.boot, self.identity.key_fingerprint,
                  f"{self.settings.group}:{self.settings.port}" if self.multicast else "off",
                  self.settings.static or "none")
 
@@ -152,7 +133,7 @@ class PeerService:
     def describe(self) -> dict:
         ident = self.identity
         return {"node": ident.node_id if ident else None, "name": ident.name if ident else None,
-                "fleet": ident.key_fingerprint if ident else None, "peers": len(self.peers),
+                "fleet": ident.key_fingerprint if ident else None, "peers": len(self.peers), "boot": self.boot,
                 "multicast": f"{self.settings.group}:{self.settings.port}" if self.multicast else None,
                 "static": self.settings.static, "sync": self.settings.sync, "pulling": self.puller.current}
 
@@ -179,34 +160,54 @@ class PeerService:
             log.warning("multicast is not available here (%s); announcing to peers.static only", e.strerror)
         return s
 
-    # --- announcing
+    # --- the key: exactly one is accepted, the one node.json holds now
 
-    def _node_file_mtime(self) -> float:
-        try:
-            return (self.rt.settings.state / NODE_FILE).stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def _refresh(self) -> None:
-        """Blocking: re-read the inventory, and node.json when `offgridd fleet join` changed it."""
-        self.inventory = self.rt.store.list()
-        self.digest = inventory_digest((m.name, m.sha256) for m in self.inventory)
-        mtime = self._node_file_mtime()
-        if mtime != self._identity_mtime:
-            self._identity_mtime = mtime
-            identity = load_identity(self.rt.settings.state)
+    def key(self) -> bytes:
+        """The fleet key, re-read the moment `offgridd fleet join|rotate` replaces node.json (one stat per use),
+        so no call or datagram is taken under a key the file no longer holds."""
+        state = self.rt.settings.state
+        mark = identity_mark(state)
+        if mark is not None and mark != self._mark:
+            self._mark = mark
+            try:
+                identity = load_identity(state)  # a few hundred bytes, read only when the file was replaced
+            except (FleetKeyError, OSError) as e:
+                log.error("node.json changed but cannot be read (%s); peers are ignored until it is fixed", e)
+                self.peers.clear()
+                return b""
             if identity.fleet_key != self.identity.fleet_key:
                 log.info("fleet key changed (fleet %s): forgetting the old fleet's peers", identity.key_fingerprint)
                 self.peers.clear()
+                self._probes.clear()
+                self.window = SeqWindow()
+                self.rt.metrics.peers.set(0)
+                self.changed()
             self.identity = identity
+        return self.identity.fleet_key
+
+    # --- announcing
+
+    def _refresh(self) -> None:
+        """Blocking: re-read the inventory."""
+        self.inventory = self.rt.store.list()
+        self.digest = inventory_digest((m.name, m.sha256) for m in self.inventory)
 
     def _load(self) -> tuple[int, int]:
         return self.rt.active, self.rt.pool.waiting
+
+    def announcement(self) -> PeerAnnouncement:
+        """This node as it announces itself now, under the counter of its latest datagram."""
+        load, queue = self._load()
+        return PeerAnnouncement(
+            node=self.identity.node_id, name=self.identity.name, http_port=self.rt.settings.port,
+            version=__version__[:32], inventory=self.digest, models=len(self.inventory), load=load, queue=queue,
+            every=self.settings.interval, boot=self.boot, seq=self.sent, clock=time.time())
 
     async def _announce_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                self.key()
                 await loop.run_in_executor(None, self._refresh)
                 await self._announce()
                 self._expire()
@@ -234,14 +235,10 @@ class PeerService:
                 targets.append(infos[0][4][:2])
             except OSError as e:
                 log.debug("cannot resolve static peer %s: %s", host, e)
-        self._announced_load = load, queue = self._load()
+        self._announced_load = self._load()
         for target in targets:
-            ann = PeerAnnouncement(
-                node=self.identity.node_id, name=self.identity.name, http_port=self.rt.settings.port,
-                version=__version__[:32], inventory=self.digest, models=len(self.inventory), load=load, queue=queue,
-                every=self.settings.interval, ts=time.time(), nonce=new_nonce(),
-            )
-            self._transport.sendto(ann.encode(self.identity.fleet_key), target)
+            self.sent += 1  # one counter per datagram: a receiver takes each only once
+            self._transport.sendto(self.announcement().encode(self.key()), target)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -250,6 +247,9 @@ class PeerService:
                 del self.peers[node]
                 log.info("peer %s (%s) went silent; forgetting it", peer.name, peer.address)
                 self.rt.bus.publish("peers", {"left": peer.to_dict()})
+        for target, (when, _) in list(self._probes.items()):
+            if now - when > 60 * PROBE_GAP_S:
+                del self._probes[target]
         self.rt.metrics.peers.set(len(self.peers))
 
     async def _watch_bus(self) -> None:
@@ -259,52 +259,129 @@ class PeerService:
                 if event.kind == "models" or (event.kind == "job" and event.data.get("state") == "done"):
                     self.changed()
 
-    # --- listening
+    # --- listening: a datagram is taken from a proven address, and otherwise only prompts a challenge
+
+    def drop(self, reason: str, address: str, detail: object) -> None:
+        self.rt.metrics.peer_datagrams_dropped.labels(reason).inc()
+        log.debug("dropped a datagram from %s: %s", address, detail)
 
     def on_datagram(self, data: bytes, addr) -> None:
         try:
-            ann = read_announcement(data, self.identity.fleet_key)
+            ann = read_announcement(data, self.key())
             if ann.node == self.identity.node_id:
                 return  # our own, looped back by multicast
-            if not self.guard.fresh(ann.nonce):
-                raise DatagramRejected("replay")
+            self._consider(ann, addr[0])
         except DatagramRejected as e:
-            self.rt.metrics.peer_datagrams_dropped.labels(e.reason).inc()
-            log.debug("dropped a datagram from %s: %s", addr[0], e)
-            return
-        self._heard(ann, addr[0])
+            self.drop(e.reason, addr[0], e)
 
-    def _heard(self, ann: PeerAnnouncement, address: str) -> None:
+    def _consider(self, ann: PeerAnnouncement, address: str) -> None:
         peer = self.peers.get(ann.node)
+        if peer is not None and (ann.boot, ann.seq) <= (peer.boot, peer.seq):
+            raise DatagramRejected("replay", f"counter {ann.boot}/{ann.seq}, already at {peer.boot}/{peer.seq}")
+        if peer is not None and ann.boot == peer.boot and (address, ann.http_port) == (peer.address, peer.http_port):
+            peer.heard(ann)
+            self._fetch_if_changed(peer)
+            return
+        # a new node, a new start of a known one, or a known one at another address: ask it to prove itself there
+        target = endpoint(address, ann.http_port)
+        when, proved = self._probes.get(target, (-PROBE_GAP_S, True))
+        if proved is None:
+            return  # a challenge to that address is under way: its answer decides
+        if time.monotonic() - when < PROBE_GAP_S:
+            if proved is False:
+                raise DatagramRejected("unproven", f"{target} did not answer a challenge under the fleet key")
+            return
+        self._probes[target] = (time.monotonic(), None)
+        self._spawn(self._probe(ann.node, address, ann.http_port), f"probe-{target}")
+
+    async def _probe(self, node: str, address: str, port: int) -> None:
+        target = endpoint(address, port)
+        try:
+            answer = await self.hello(node, address, port)
+        except (ExchangeRefused, DatagramRejected, aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+            self._probes[target] = (time.monotonic(), False)
+            self.drop("unproven", address, f"{target} could not prove it is node {node[:8]}: "
+                                           f"{e or type(e).__name__}")
+            return
+        self._probes[target] = (time.monotonic(), True)
+        self._proven(answer, address, port)
+
+    async def hello(self, node: str, address: str, port: int) -> PeerAnnouncement:
+        """Challenge the node at address:port to prove, under the fleet key, that it is `node`; its state if so."""
+        challenge, target = new_challenge(), endpoint(address, port)
+        async with self.session.get(f"http://{target}{HELLO_PATH}", headers={CHALLENGE_HEADER: challenge},
+                                    timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            body = await resp.content.read(MAX_HELLO_BYTES + 1)
+            self.check_answer(resp, node=node, bound_to=challenge, dialed=target, body=body)
+            if resp.status != 200 or len(body) > MAX_HELLO_BYTES:
+                raise ValueError(f"HTTP {resp.status} to a challenge")
+        answer = announcement_from(json.loads(body))
+        if answer.node != node:
+            raise ExchangeRefused("impostor", f"the answer is about node {answer.node[:8]}")
+        return answer
+
+    async def prove(self, peer: Peer) -> Peer:
+        """Challenge a known peer again at its address, before trusting it with a client's credentials."""
+        answer = await self.hello(peer.node, peer.address, peer.http_port)
+        return self._proven(answer, peer.address, peer.http_port)
+
+    def check_answer(self, resp: aiohttp.ClientResponse, *, node: str, bound_to: str, dialed: str,
+                     body: bytes | None = None) -> None:
+        """ExchangeRefused (and counted) unless `node` itself answered the request bound to `bound_to`."""
+        try:
+            verify_answer(self.key(), resp.headers.get(ANSWER_HEADER), node=node, bound_to=bound_to, dialed=dialed,
+                          status=resp.status, content_type=resp.content_type,
+                          content_range=resp.headers.get("Content-Range", ""), body=body)
+        except ExchangeRefused as e:
+            self.refusals.labels(e.reason).inc()
+            log.warning("refused an answer from %s: %s", dialed, e)
+            raise
+
+    def sign_call(self, peer: Peer, method: str, path: str, body: bytes = b"") -> tuple[dict[str, str], str]:
+        """Headers for a call to `peer` (signed for its current start), and the nonce its answer is bound to."""
+        self.calls += 1
+        return sign_request(self.key(), node=self.identity.node_id, boot=self.boot, seq=self.calls, to_node=peer.node,
+                            to_boot=peer.boot, method=method, path=path, target=peer.endpoint, body=body)
+
+    def _proven(self, answer: PeerAnnouncement, address: str, port: int) -> Peer:
+        peer = self.peers.get(answer.node)
         if peer is None:
-            peer = self.peers[ann.node] = Peer(
-                node=ann.node, name=ann.name, address=address, http_port=ann.http_port, version=ann.version,
-                inventory=ann.inventory, models_count=ann.models, load=ann.load, queue=ann.queue, every=ann.every)
-            log.info("peer %s joined: node %s at %s", ann.name, ann.node, peer.url)
+            peer = self.peers[answer.node] = Peer.proven(answer, address, port)
+            log.info("peer %s joined: node %s at %s, proved under the fleet key", answer.name, answer.node, peer.url)
             self.rt.metrics.peers.set(len(self.peers))
             self.rt.bus.publish("peers", {"joined": peer.to_dict()})
             self.changed()  # answer a newcomer at once rather than at our next interval
         else:
-            peer.name, peer.address, peer.http_port, peer.version = ann.name, address, ann.http_port, ann.version
-            peer.inventory, peer.models_count, peer.load, peer.queue = ann.inventory, ann.models, ann.load, ann.queue
-            peer.every, peer.last_seen = ann.every, time.monotonic()
+            if (address, port) != (peer.address, peer.http_port):
+                log.info("peer %s moved from %s to %s, proved under the fleet key", peer.name, peer.endpoint,
+                         endpoint(address, port))
+                peer.address, peer.http_port, peer.fetched = address, port, ""
+            if answer.boot != peer.boot:
+                peer.fetched = ""  # a restarted node may have changed its store
+            peer.heard(answer)
+        self._fetch_if_changed(peer)
+        return peer
+
+    def _fetch_if_changed(self, peer: Peer) -> None:
         if peer.fetched != peer.inventory and not any(t.get_name() == f"inventory-{peer.node}" for t in self._tasks):
             self._spawn(self._fetch_inventory(peer), f"inventory-{peer.node}")
 
     async def _fetch_inventory(self, peer: Peer) -> None:
+        headers, nonce = self.sign_call(peer, "GET", INVENTORY_PATH)
         try:
-            async with self.session.get(peer.url + INVENTORY_PATH, headers=sign_request(self.identity, "GET",
-                                        INVENTORY_PATH), timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                if resp.status != 200:
+            async with self.session.get(peer.url + INVENTORY_PATH, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                body = await resp.content.read(MAX_INVENTORY_BYTES + 1)
+                self.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint, body=body)
+                if resp.status != 200 or len(body) > MAX_INVENTORY_BYTES:
                     log.warning("peer %s refused its inventory: HTTP %s", peer.name, resp.status)
                     return
-                if not resp.content_length or resp.content_length > MAX_INVENTORY_BYTES:
-                    log.warning("peer %s sent an inventory without a length or too long", peer.name)
-                    return
-                data = await resp.json()
-            peer.models = {m["name"]: m for m in data["models"] if _good_entry(m)}
+            data = json.loads(body)
+            if data["node"] != peer.node:
+                raise ValueError("the inventory is another node's")
+            peer.models = {m["name"]: m for m in data["models"] if good_entry(m)}
             peer.fetched = data["inventory"]
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+        except (ExchangeRefused, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.warning("could not fetch the inventory of peer %s: %s", peer.name, e or type(e).__name__)
             return
         self.puller.wake()
@@ -317,9 +394,3 @@ class PeerService:
     def route_candidates(self, model: str) -> list[Peer]:
         """Peers that have `model`, least busy first."""
         return [p for p in self.peers_by_load() if model in p.models]
-
-
-def _good_entry(m) -> bool:
-    return (isinstance(m, dict) and isinstance(m.get("name"), str) and valid_name(m["name"])
-            and isinstance(m.get("sha256"), str) and bool(SHA256_RE.fullmatch(m["sha256"]))
-            and isinstance(m.get("size"), int) and m["size"] > 0)

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..store import ModelManifest, StoreError
-from .fleet import sign_request
+from .exchange import BLOB_PATH, ExchangeRefused
 
 if TYPE_CHECKING:
-    from .service import Peer, PeerService
+    from .peer import Peer
+    from .service import PeerService
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,16 @@ class ModelPuller:
     async def _transfer(self, peer: Peer, model: dict, partial: Path, offset: int, job) -> ModelManifest:
         loop = asyncio.get_running_loop()
         size = model["size"]
-        path = f"/fleet/v1/blobs/{model['sha256']}"
-        headers = sign_request(self.service.identity, "GET", path)
+        path = f"{BLOB_PATH}{model['sha256']}"
+        headers, nonce = self.service.sign_call(peer, "GET", path)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
         async with self.service.session.get(peer.url + path, headers=headers, timeout=timeout) as resp:
+            try:  # status and Content-Range are the peer's own, for this request: the bytes are then hashed
+                self.service.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint)
+            except ExchangeRefused as e:
+                raise PullInterrupted(f"the answer did not come from peer {peer.name}: {e}") from None
             if resp.status == 200 and offset:
                 log.info("peer %s sent the whole file instead of a range; starting %s again", peer.name, model["name"])
                 await loop.run_in_executor(None, lambda: partial.unlink(missing_ok=True))

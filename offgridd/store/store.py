@@ -201,9 +201,12 @@ class ModelStore:
                 raise StoreError(f"invalid sha256 {expected_sha256!r}: expected 64 hex digits")
         self.open()
         if expected_size is not None:
+            # a resumed import needs room only for what the partial file lacks: committing it is a rename
+            have = partial.stat().st_size if partial is not None and partial.exists() else 0
             free = shutil.disk_usage(self.staging).free
-            if expected_size > free:
-                raise StoreError(f"not enough space: the model needs {expected_size} bytes, {free} are free")
+            if expected_size - have > free:
+                raise StoreError(f"not enough space: the model needs {expected_size - have} more bytes, "
+                                 f"{free} are free")
         staged = partial or self.staging / f"{uuid.uuid4().hex}.partial"
         written = False
         try:
