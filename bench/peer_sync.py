@@ -33,7 +33,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
-from offgridd.peers.fleet import NodeIdentity, save_identity, sign_request  # noqa: E402
+from offgridd.peers.exchange import BLOB_PATH, sign_request  # noqa: E402
+from offgridd.peers.fleet import NodeIdentity, save_identity  # noqa: E402
 from offgridd.store import ModelStore, register_builtin  # noqa: E402
 
 NAME = "gemma-bench"
@@ -126,8 +127,11 @@ def pull_jobs(url: str) -> list[dict]:
 
 def curl(url: str, identity: NodeIdentity, sha: str, out: Path) -> tuple[float, float]:
     """Seconds for curl to fetch the blob to a file, and seconds more to fsync it (a pull's data is durable)."""
-    path = f"/fleet/v1/blobs/{sha}"
-    [(header, value)] = sign_request(identity, "GET", path).items()
+    path = f"{BLOB_PATH}{sha}"
+    me = get_json(f"{url}/api/v1/peers")["node"]  # a call is signed for the callee's node and current start
+    headers, _ = sign_request(identity.fleet_key, node=secrets.token_hex(16), boot=1, seq=1, to_node=me["node"],
+                              to_boot=me["boot"], method="GET", path=path, target=url.removeprefix("http://"))
+    [(header, value)] = headers.items()
     res = subprocess.run(
         ["curl", "-sS", "--fail", "-o", str(out), "-H", f"{header}: {value}", "-w", "%{time_total}", url + path],
         capture_output=True,
