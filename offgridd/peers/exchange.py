@@ -154,8 +154,8 @@ class SeqWindow:
         if seq <= high - self.width or seq in seen:
             return False
         seen.add(seq)
-        if seq > high:
-            high = seq
+        high = max(high, seq)
+        if len(seen) > 2 * self.width:  # now and then, not on every call: anything this old is refused anyway
             seen.difference_update([s for s in seen if s <= high - self.width])
         self._seen[node] = (boot, high, seen)
         self._seen.move_to_end(node)

@@ -7,8 +7,10 @@ import contextlib
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 import time
+from dataclasses import replace
 
 import aiohttp
 from prometheus_client import Counter
@@ -48,6 +50,13 @@ MAX_INVENTORY_BYTES = 1 << 20
 MAX_HELLO_BYTES = 4096
 LOAD_CHECK_S = 0.5
 PROBE_GAP_S = 1.0  # an address that failed a challenge is not challenged again sooner (nor a datagram's sender)
+
+
+async def _bounded_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body of an answer that must be signed with its body, refused unless its length is given and small."""
+    if resp.content_length is None or resp.content_length > limit:
+        raise ValueError(f"an answer without a length or over {limit} bytes")
+    return await resp.read()
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -173,8 +182,8 @@ class PeerService:
                 identity = load_identity(state)  # a few hundred bytes, read only when the file was replaced
             except (FleetKeyError, OSError) as e:
                 log.error("node.json changed but cannot be read (%s); peers are ignored until it is fixed", e)
-                self.peers.clear()
-                return b""
+                # neither the old key nor an empty one: a key nobody holds, until the file is fixed
+                identity = replace(self.identity, fleet_key=secrets.token_bytes(32))
             if identity.fleet_key != self.identity.fleet_key:
                 log.info("fleet key changed (fleet %s): forgetting the old fleet's peers", identity.key_fingerprint)
                 self.peers.clear()
@@ -311,9 +320,9 @@ class PeerService:
         challenge, target = new_challenge(), endpoint(address, port)
         async with self.session.get(f"http://{target}{HELLO_PATH}", headers={CHALLENGE_HEADER: challenge},
                                     timeout=aiohttp.ClientTimeout(total=5)) as resp:
-            body = await resp.content.read(MAX_HELLO_BYTES + 1)
+            body = await _bounded_body(resp, MAX_HELLO_BYTES)
             self.check_answer(resp, node=node, bound_to=challenge, dialed=target, body=body)
-            if resp.status != 200 or len(body) > MAX_HELLO_BYTES:
+            if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status} to a challenge")
         answer = announcement_from(json.loads(body))
         if answer.node != node:
@@ -371,9 +380,9 @@ class PeerService:
         try:
             async with self.session.get(peer.url + INVENTORY_PATH, headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                body = await resp.content.read(MAX_INVENTORY_BYTES + 1)
+                body = await _bounded_body(resp, MAX_INVENTORY_BYTES)
                 self.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint, body=body)
-                if resp.status != 200 or len(body) > MAX_INVENTORY_BYTES:
+                if resp.status != 200:
                     log.warning("peer %s refused its inventory: HTTP %s", peer.name, resp.status)
                     return
             data = json.loads(body)
