@@ -407,3 +407,58 @@ def test_once_every_box_has_the_rotated_key_the_old_one_is_refused_at_once(model
         wait_for(lambda: dropped(a, "hmac") > hmac_drops, what="A to drop a datagram under the old key")
     finally:
         stop_all(a, b)
+
+
+def test_a_clients_credentials_go_only_to_a_peer_that_proves_itself_in_that_exchange(model_state, tmp_path):
+    """A box leaves and something else takes its address before the others forget it: a request that would have
+    gone there, with the client's Authorization, is not sent."""
+    from test_peers import start_peer
+
+    key, pa, pb = secrets.token_bytes(32), udp_port(), udp_port()
+    state_a = fleet_state(model_state, tmp_path, "box-a", key)
+    builtin = json.loads((state_a / "models" / "manifests" / "gemma3-270m.json").read_text())
+    (state_a / "models" / "manifests" / "tutor.json").write_text(json.dumps({**builtin, "name": "tutor"}))
+    # A announces every 30 s, so B keeps it in its table for 90 s after it goes
+    a = start_peer(state_a, pa, [pb], OFFGRID_PEERS_SYNC="off", OFFGRID_PEERS_INTERVAL="30")
+    b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa], OFFGRID_PEERS_SYNC="off")
+    impostor = None
+    try:
+        wait_for(lambda: any("tutor" in p["models"] for p in peers_of(b)["peers"]), what="B to know A's models")
+        ask = {"model": "tutor", "messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 4}
+        status, headers, _ = http("POST", f"{b.url}/v1/chat/completions", ask,
+                                  headers={"Authorization": "Bearer classroom-secret"})
+        assert status == 200 and headers["X-Offgrid-Node"] == load_identity(state_a).node_id
+        a_port = int(a.url.rsplit(":", 1)[1])
+        a.stop()
+        seen: list[tuple[str, str, dict]] = []
+
+        class Impostor(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _any(self) -> None:
+                seen.append((self.command, self.path, dict(self.headers)))
+                body = b'{"node": "x", "choices": [{"message": {"content": "trust me"}}]}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+        impostor = ThreadingHTTPServer(("127.0.0.1", a_port), Impostor)
+        threading.Thread(target=impostor.serve_forever, daemon=True).start()
+        assert [p["name"] for p in peers_of(b)["peers"]] == ["box-a"], "B still lists A, at the impostor's address"
+
+        status, _, body = http("POST", f"{b.url}/v1/chat/completions", ask,
+                               headers={"Authorization": "Bearer classroom-secret"})
+        assert status == 404 and b"trust me" not in body
+        assert [(method, path) for method, path, _ in seen] == [("GET", "/fleet/v2/hello")]
+        assert not any("Authorization" in headers for _, _, headers in seen)
+        assert refused(b, "unsigned") >= 1
+    finally:
+        if impostor is not None:
+            impostor.shutdown()
+            impostor.server_close()
+        stop_all(a, b)
