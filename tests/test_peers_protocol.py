@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -34,6 +35,7 @@ from offgridd.peers.protocol import (
     DatagramRejected,
     PeerAnnouncement,
     _mac,
+    announcement_from,
     inventory_digest,
     read_announcement,
 )
@@ -120,6 +122,24 @@ def test_authentic_but_hostile_bodies_are_dropped_never_raised(body):
         read_announcement(signed(body), KEY)
     except DatagramRejected as e:
         assert e.reason in ("malformed", "oversized")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values | st.dictionaries(st.sampled_from(["node", "name", "port", "ver", "inv", "models", "load", "queue",
+                                                      "every", "boot", "seq", "clock"]), json_values, max_size=12))
+def test_a_signed_hello_answer_of_any_shape_is_refused_never_raised(body):
+    """A hello answer's body is JSON read by the same checks as a datagram's body, after its signature."""
+    try:
+        announcement_from(json.loads(json.dumps(body)))
+    except DatagramRejected as e:
+        assert e.reason == "malformed"
 
 
 def call(window: SeqWindow, header: str, *, my_boot: int = 5, path: str = "/fleet/v2/inventory", local: str = AT_B,

@@ -50,6 +50,8 @@ MAX_INVENTORY_BYTES = 1 << 20
 MAX_HELLO_BYTES = 4096
 LOAD_CHECK_S = 0.5
 PROBE_GAP_S = 1.0  # an address that failed a challenge is not challenged again sooner (nor a datagram's sender)
+MAX_PROBING = 16  # challenges in flight at once: a flood of replays from forged sources cannot pile up more
+MAX_PROBED = 4096  # addresses held back for PROBE_GAP_S after a challenge
 
 
 async def _bounded_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -256,10 +258,14 @@ class PeerService:
                 del self.peers[node]
                 log.info("peer %s (%s) went silent; forgetting it", peer.name, peer.address)
                 self.rt.bus.publish("peers", {"left": peer.to_dict()})
-        for target, (when, _) in list(self._probes.items()):
-            if now - when > 60 * PROBE_GAP_S:
-                del self._probes[target]
+        self._forget_probes(now)
         self.rt.metrics.peers.set(len(self.peers))
+
+    def _forget_probes(self, now: float) -> None:
+        """Challenges that are over and past PROBE_GAP_S no longer hold their address back."""
+        for target, (when, proved) in list(self._probes.items()):
+            if proved is not None and now - when >= PROBE_GAP_S:
+                del self._probes[target]
 
     async def _watch_bus(self) -> None:
         with self.rt.bus.subscribe() as queue:
@@ -300,6 +306,10 @@ class PeerService:
             if proved is False:
                 raise DatagramRejected("unproven", f"{target} did not answer a challenge under the fleet key")
             return
+        if len(self._probes) >= MAX_PROBED:
+            self._forget_probes(time.monotonic())
+        if len(self._probes) >= MAX_PROBED or sum(p is None for _, p in self._probes.values()) >= MAX_PROBING:
+            raise DatagramRejected("unproven", f"too many addresses to challenge at once; {target} waits its turn")
         self._probes[target] = (time.monotonic(), None)
         self._spawn(self._probe(ann.node, address, ann.http_port), f"probe-{target}")
 
