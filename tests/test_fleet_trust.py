@@ -310,6 +310,14 @@ def test_an_inventory_answer_altered_or_replayed_on_its_way_is_refused(model_sta
         status, _, body = http("GET", a.url + INVENTORY_PATH, headers=headers)
         assert status == 403 and "already used" in json.loads(body)["error"]["message"]
         assert a.metric("offgridd_peer_exchanges_refused_total", reason="replay") == 1
+        # nor after A restarts, when it remembers no counter: the call was signed for A's previous start
+        fresh = member_call(a, key, "GET", INVENTORY_PATH)
+        stop_all(a)
+        a = start_peer(a.state, udp_port(), port=int(dialed.rsplit(":", 1)[1]), OFFGRID_PEERS_SYNC="off")
+        for held in (headers, fresh):
+            status, _, body = http("GET", a.url + INVENTORY_PATH, headers=held)
+            assert status == 403 and "start 1" in json.loads(body)["error"]["message"]
+        assert a.metric("offgridd_peer_exchanges_refused_total", reason="stale") == 2
     finally:
         stop_all(a)
 

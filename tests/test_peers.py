@@ -42,11 +42,12 @@ def fleet_state(model_state: Path, root: Path, name: str, key: bytes) -> Path:
     return state
 
 
-def start_peer(state: Path, udp: int, static: list[int] = (), *args: str, wait: bool = True, **env: str) -> Daemon:
+def start_peer(state: Path, udp: int, static: list[int] = (), *args: str, wait: bool = True, port: int | None = None,
+               **env: str) -> Daemon:
     full = {"OFFGRID_PEERS_ENABLED": "true", "OFFGRID_PEERS_PORT": str(udp), "OFFGRID_PEERS_INTERVAL": INTERVAL,
             "OFFGRID_PEERS_INTERFACE": "127.0.0.1", "OFFGRID_PEERS_STATIC": ",".join(f"127.0.0.1:{p}" for p in static),
             **env}
-    daemon = start_daemon(state, state.parent / f"{state.name}.log", *args, env=full)
+    daemon = start_daemon(state, state.parent / f"{state.name}.log", *args, env=full, port=port)
     if wait:
         daemon.wait_ready()  # one at a time: several models loading at once starve two cores
     return daemon
