@@ -93,6 +93,7 @@ class PeerService:
         self.refusals = Counter("offgridd_peer_exchanges_refused", "Calls and answers between peers refused",
                                 ["reason"], registry=rt.metrics.registry)
         self._probes: dict[str, tuple[float, bool | None]] = {}  # endpoint -> (when, proved: None while asking)
+        self._told: set[str] = set()  # endpoints whose failed challenge was logged
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
@@ -319,8 +320,12 @@ class PeerService:
             answer = await self.hello(node, address, port)
         except (ExchangeRefused, DatagramRejected, aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
             self._probes[target] = (time.monotonic(), False)
-            self.drop("unproven", address, f"{target} could not prove it is node {node[:8]}: "
-                                           f"{e or type(e).__name__}")
+            why = f"{target} could not prove it is node {node[:8]}: {e or type(e).__name__}"
+            self.drop("unproven", address, why)
+            if target not in self._told and len(self._told) < MAX_PROBED:  # once per address: replays repeat
+                self._told.add(target)
+                log.warning("%s; a box of this fleet there needs its API reachable from here (a stranger replaying "
+                            "a datagram fails the same way)", why)
             return
         self._probes[target] = (time.monotonic(), True)
         self._proven(answer, address, port)
