@@ -143,7 +143,7 @@ class Box:
 
 def report(box: Box, stage: str) -> dict:
     """The `offgridd-report: diskstats STAGE ...` line that offgridd-console-report prints on the console."""
-    m = box.wait_serial(rf"^offgridd-report: diskstats {stage} disk=(\S+) uptime=([\d.]+)s "
+    m = box.wait_serial(rf"offgridd-report: diskstats {stage} disk=(\S+) uptime=([\d.]+)s "
                         rf"sectors_written=(\d+) writes=(\d+) .* clock=(\S+)\s*$", 120, f"the {stage} diskstats line")
     return {"disk": m[1], "uptime_s": float(m[2]), "sectors_written": int(m[3]), "writes": int(m[4]),
             "clock": datetime.fromisoformat(m[5].replace("Z", "+00:00"))}
@@ -173,9 +173,9 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
         box.wait_serial(r"offgridd-firstboot: node id [0-9a-f]{32}", 5, "first-boot node identity")
 
         # offgridd reached READY=1: the console report shows the unit active with its STATUS line.
-        box.wait_serial(r"^offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
+        box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
         boot_s = time.monotonic() - box.started
-        status = "\n".join(line for line in box.log().splitlines() if line.startswith("offgridd-report: "))
+        status = "\n".join(line for line in box.log().splitlines() if "offgridd-report: " in line)
         assert re.search(r"Active: active \(running\)", status), f"offgridd is not active:\n{status}"
         assert re.search(r'Status: "[^"]+"', status), f"offgridd's unit shows no STATUS line:\n{status}"
         ready = report(box, "ready")
@@ -188,11 +188,11 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
                         max_retries=0)
         t = time.monotonic()
         stream = client.chat.completions.create(
-            model="gemma3-270m", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=12,
+            model="gemma3-270m", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], max_tokens=12,
             temperature=0, stream=True)
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         chat_s = time.monotonic() - t
-        assert len(pieces) >= 2 and "".join(pieces).strip(), f"no streamed tokens: {pieces!r}"
+        assert len(pieces) >= 3 and "".join(pieces).strip(), f"not a stream of tokens: {pieces!r}"
 
         time.sleep(30)  # idle, as a box mostly is: what does it write while nothing happens?
         box.power_off()
@@ -212,7 +212,7 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
         # boot's shutdown, and the first-boot unit does not run again.
         box.serial.rename(tmp_path / "serial-first-boot.log")
         box = Box(amd64_image, tmp_path, rtc="base=2001-01-01T00:00:00,clock=vm")
-        box.wait_serial(r"^offgridd-report: ready after", READY_WAIT_S, "offgridd READY on the second boot")
+        box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, "offgridd READY on the second boot")
         again = report(box, "ready")
         assert again["clock"] >= down["clock"], (
             f"the clock went back across a reboot: {again['clock']} after a shutdown at {down['clock']}")
@@ -244,9 +244,9 @@ def test_the_pi_card_carries_the_pi_firmware_and_boots_in_qemu_virt_on_a_pi4_cor
     try:
         box.wait_serial(r"offgridd-firstboot: hostname offgrid-[0-9a-f]{4}", 900, "first-boot hostname")
         box.wait_serial(r"offgridd-engine-select: engine .*armv8-a\b", 60, "the armv8-a engine kept on a Cortex-A72")
-        box.wait_serial(r"^offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
+        box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
         boot_s = time.monotonic() - box.started
-        status = "\n".join(line for line in box.log().splitlines() if line.startswith("offgridd-report: "))
+        status = "\n".join(line for line in box.log().splitlines() if "offgridd-report: " in line)
         assert re.search(r"Active: active \(running\)", status), f"offgridd is not active:\n{status}"
         code, body = get(f"http://127.0.0.1:{box.port}/health")
         assert code == 200, f"/health answered {code}: {body[:500]!r}"
