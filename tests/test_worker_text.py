@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from offgridd.inference.protocol import MAX_FRAME, FrameBuffer, FrameError, encode
-from offgridd.inference.worker import HOLD_S, StopScanner, TextBatch
+from offgridd.inference.text import HOLD_S, StopScanner, TextBatch
 
 MS = 0.001
 

@@ -29,12 +29,12 @@ def health_report(rt: Runtime, memory: dict) -> dict:
     worker = rt.pool.workers.get(name)
     model = {"name": name, "state": worker.state if worker else "not loaded"}
     if worker:
-        model.update(n_ctx=worker.n_ctx, restarts=worker.restarts, pid=worker.pid, self_test=worker.self_test,
-                     engine_path="safe" if worker.safe else "normal")
+        model.update(n_ctx=worker.n_ctx, sequences=worker.sequences, restarts=worker.restarts, pid=worker.pid,
+                     self_test=worker.self_test, engine_path="safe" if worker.safe else "normal")
     return {
         "status": rt.phase, "reason": rt.reason or None, "version": __version__, "uptime_s": round(rt.uptime(), 1),
         "model": model, "memory": memory,
-        "requests": {"served": rt.served, "active": rt.active, "waiting": rt.pool.waiting + rt.admission.waiting},
+        "requests": {"served": rt.served, "active": rt.active, "waiting": rt.waiting},
         "tokens_per_second": round(rt.last_tokens_per_second, 1),
         "loaded": {n: w.state for n, w in rt.pool.workers.items()},
         "services": {s.name: s.describe() for s in rt.services},
@@ -71,5 +71,5 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    rt.metrics.queue_depth.set(rt.pool.waiting + rt.admission.waiting)
+    rt.metrics.queue_depth.set(rt.waiting)
     return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

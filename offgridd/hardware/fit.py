@@ -37,9 +37,9 @@ def kv_cache_bytes(m: ModelManifest, ctx: int) -> int:
     return layers * ctx * per_token * KV_BYTES_PER_ELEMENT
 
 
-def estimate(m: ModelManifest, ctx: int) -> int:
-    """Bytes a worker needs for model `m` at context `ctx`."""
-    return m.size + kv_cache_bytes(m, ctx) + OVERHEAD_BYTES
+def estimate(m: ModelManifest, ctx: int, sequences: int = 1) -> int:
+    """Bytes a worker needs for model `m` with `sequences` sequences of context `ctx` each."""
+    return m.size + kv_cache_bytes(m, ctx * sequences) + OVERHEAD_BYTES
 
 
 def _contexts(m: ModelManifest, wanted: int) -> list[int]:
@@ -50,8 +50,8 @@ def _contexts(m: ModelManifest, wanted: int) -> list[int]:
     return out
 
 
-def _best_ctx(m: ModelManifest, wanted: int, budget: int) -> int | None:
-    return next((c for c in _contexts(m, wanted) if estimate(m, c) <= budget), None)
+def _best_ctx(m: ModelManifest, wanted: int, sequences: int, budget: int) -> int | None:
+    return next((c for c in _contexts(m, wanted) if estimate(m, c, sequences) <= budget), None)
 
 
 def _too_big(m: ModelManifest, max_model_bytes: int) -> bool:
@@ -59,7 +59,7 @@ def _too_big(m: ModelManifest, max_model_bytes: int) -> bool:
 
 
 def plan_load(requested: ModelManifest, store: list[ModelManifest], *, ctx: int, available: int,
-              max_model_bytes: int, quantizations: list[str], bad: set[str]) -> LoadPlan:
+              max_model_bytes: int, quantizations: list[str], bad: set[str], sequences: int = 1) -> LoadPlan:
     """The model and context to load for a request of `requested`, given free memory; raises NoFit."""
     budget = available - RESERVE_BYTES
     mb = 1 << 20
@@ -68,12 +68,12 @@ def plan_load(requested: ModelManifest, store: list[ModelManifest], *, ctx: int,
         why = f"{requested.name} is marked bad after repeated crashes"
     elif _too_big(requested, max_model_bytes):
         why = f"{requested.name} ({requested.size // mb} MB) is over this board's {max_model_bytes // mb} MB limit"
-    elif (c := _best_ctx(requested, ctx, budget)) is not None:
+    elif (c := _best_ctx(requested, ctx, sequences, budget)) is not None:
         note = f"context shortened to {c} (of {min(ctx, requested.context_length)}) to fit memory" \
             if c < min(ctx, requested.context_length) else None
-        return LoadPlan(manifest=requested, ctx=c, needs_bytes=estimate(requested, c), note=note)
+        return LoadPlan(manifest=requested, ctx=c, needs_bytes=estimate(requested, c, sequences), note=note)
     else:
-        why = (f"{requested.name} needs {estimate(requested, MIN_CTX) // mb} MB at the smallest context, "
+        why = (f"{requested.name} needs {estimate(requested, MIN_CTX, sequences) // mb} MB at the smallest context, "
                f"{max(budget, 0) // mb} MB are available")
 
     def preference(m: ModelManifest) -> tuple:
@@ -83,8 +83,8 @@ def plan_load(requested: ModelManifest, store: list[ModelManifest], *, ctx: int,
     for other in sorted(store, key=preference):
         if other.name == requested.name or other.name in bad or _too_big(other, max_model_bytes):
             continue
-        if (c := _best_ctx(other, ctx, budget)) is not None:
-            return LoadPlan(manifest=other, ctx=c, needs_bytes=estimate(other, c),
+        if (c := _best_ctx(other, ctx, sequences, budget)) is not None:
+            return LoadPlan(manifest=other, ctx=c, needs_bytes=estimate(other, c, sequences),
                             note=f"{why}; serving {other.name} instead")
     raise NoFit(f"{why}, and no other model in the store fits; free memory, or import a smaller quantization "
                 f"(this board prefers {', '.join(quantizations[:3])})")

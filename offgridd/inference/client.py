@@ -53,9 +53,10 @@ class WorkerConfig:
     name: str
     path: Path
     threads: int
-    ctx: int
+    ctx: int  # per sequence
     batch: int
     start_timeout: float
+    sequences: int = 1  # requests the worker decodes together
     gpu_layers: int = 0
     flash_attn: bool = True
     memory_limit: int = 0  # RLIMIT_AS for the worker process, 0 for none
@@ -106,7 +107,8 @@ class InferenceWorker:
         self.self_test: dict | None = None  # the engine's self-test in the ready worker
         self.state = "stopped"  # loading | ready | restarting | failed | stopped
         self.reason = ""
-        self.n_ctx = 0
+        self.n_ctx = 0  # per sequence
+        self.sequences = config.sequences
         self.pid: int | None = None
         self.restarts = 0
         self.threads = config.threads  # may be lowered at run time (heat); a restarted worker keeps it
@@ -194,7 +196,8 @@ class InferenceWorker:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "offgridd.inference.worker", "--fd", str(theirs.fileno()),
                 "--model-path", str(cfg.path), "--model-name", cfg.name, "--threads", str(cfg.threads),
-                "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--gpu-layers", str(cfg.gpu_layers),
+                "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--sequences", str(cfg.sequences),
+                "--gpu-layers", str(cfg.gpu_layers),
                 "--flash-attn", str(int(cfg.flash_attn)),
                 "--threads-now", str(self.threads), "--memory-limit", str(cfg.memory_limit),
                 "--safe", str(int(self.safe)),
@@ -226,6 +229,7 @@ class InferenceWorker:
         elif frame["op"] == "ready":
             self._loaded = True
             self.n_ctx = frame["n_ctx"]
+            self.sequences = frame.get("sequences", 1)
             self.self_test = frame.get("self_test")
             self.state, self.reason = "ready", ""
             self.last_used = time.monotonic()  # idle time counts from being ready, not from the spawn

@@ -40,9 +40,9 @@ FAULT_ENV = "OFFGRID_ENGINE_FAULT"
 
 
 @contextlib.contextmanager
-def _model_params(**fields):
-    """Set llama_model_params fields that Llama() has no argument for, for the models loaded inside the block."""
-    original = llama_lib.llama_model_default_params
+def _defaults(which: str, **fields):
+    """Set fields of llama.cpp's model or context parameters that Llama() has no argument for, inside the block."""
+    original = getattr(llama_lib, which)
 
     def params():
         p = original()
@@ -50,17 +50,21 @@ def _model_params(**fields):
             setattr(p, key, value)
         return p
 
-    llama_lib.llama_model_default_params = params
+    setattr(llama_lib, which, params)
     try:
         yield
     finally:
-        llama_lib.llama_model_default_params = original
+        setattr(llama_lib, which, original)
 
 
 class Engine(llama_cpp.Llama):
-    def __init__(self, *args, safe: bool = False, **kwargs):
+    """n_seq sequences share the context, each with n_ctx / n_seq cells of its own (llama.cpp's non-unified cache)."""
+
+    def __init__(self, *args, safe: bool = False, n_seq: int = 1, **kwargs):
         self.safe = safe
-        with _model_params(use_extra_bufts=False) if safe else contextlib.nullcontext():
+        self.n_seq = n_seq
+        with (_defaults("llama_model_default_params", use_extra_bufts=False) if safe else contextlib.nullcontext(),
+              _defaults("llama_context_default_params", n_seq_max=n_seq, kv_unified=False)):
             super().__init__(*args, **kwargs)
         self.vocab_size = self.n_vocab()
 
@@ -81,26 +85,81 @@ class Engine(llama_cpp.Llama):
                               mirostat_mode=mirostat_mode, idx=idx, **rest)
 
     def _logits(self, row: int) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.vocab_size,))
+        return logits_of(self.ctx, row, self.vocab_size)
 
     def _sample_near_top(self, row: int, k: int) -> int | None:
-        logits = self._logits(row)
-        best = logits.max()
-        for spread in SPREADS:
-            near = np.flatnonzero(logits >= best - spread)
-            if near.size >= k:
-                break
+        return pick_near_top(self._logits(row), k, self._sampler.sampler)
+
+
+def logits_of(ctx, row: int, vocab_size: int) -> np.ndarray:
+    """The logits of one output row of the last decode, without a copy."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(vocab_size,))
+
+
+def pick_near_top(logits: np.ndarray, k: int, chain) -> int | None:
+    """Run the sampler chain over the tokens near the best logit only; None when fewer than k are near it."""
+    best = logits.max()
+    for spread in SPREADS:
+        near = np.flatnonzero(logits >= best - spread)
+        if near.size >= k:
+            break
+    else:
+        return None
+    candidates = np.empty(near.size, _TOKEN_DATA)
+    candidates["id"], candidates["logit"], candidates["p"] = near, logits[near], 0.0
+    array = llama_cpp.llama_token_data_array(
+        data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=near.size, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    token = array.data[array.selected].id  # a step may point `data` at its own buffer
+    llama_cpp.llama_sampler_accept(chain, token)
+    return token
+
+
+PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size
+
+
+class SequenceSampler:
+    """One request's token picker: the chain llama-cpp-python builds for the same parameters (and defaults), with
+    the greedy and near-top shortcuts above. Owns a llama.cpp sampler: close() it."""
+
+    def __init__(self, vocab_size: int, seed: int, *, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0):
+        self.vocab_size = vocab_size
+        penalties = (repeat_penalty, frequency_penalty, presence_penalty) != (1.0, 0.0, 0.0)
+        self.greedy = temperature == 0.0 and not penalties
+        self.near_top = not penalties and temperature > 0.0 and 0 < top_k < vocab_size
+        self.top_k = top_k
+        lib = llama_cpp
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        steps = []
+        if penalties:
+            steps.append(lib.llama_sampler_init_penalties(PENALTY_LAST_N, repeat_penalty, frequency_penalty,
+                                                          presence_penalty))
+        if temperature == 0.0:
+            steps.append(lib.llama_sampler_init_greedy())
+        elif temperature < 0.0:
+            steps.append(lib.llama_sampler_init_dist(seed))
         else:
-            return None
-        candidates = np.empty(near.size, _TOKEN_DATA)
-        candidates["id"], candidates["logit"], candidates["p"] = near, logits[near], 0.0
-        array = llama_cpp.llama_token_data_array(
-            data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p), size=near.size, selected=-1, sorted=False)
-        chain = self._sampler.sampler
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
-        token = array.data[array.selected].id  # a step may point `data` at its own buffer
-        llama_cpp.llama_sampler_accept(chain, token)
-        return token
+            steps += [lib.llama_sampler_init_top_k(top_k), lib.llama_sampler_init_typical(1.0, 1),
+                      lib.llama_sampler_init_top_p(top_p, 1), lib.llama_sampler_init_min_p(min_p, 1),
+                      lib.llama_sampler_init_temp(temperature), lib.llama_sampler_init_dist(seed)]
+        for step in steps:
+            lib.llama_sampler_chain_add(self.chain, step)  # the chain owns them from here
+
+    def pick(self, ctx, row: int) -> int:
+        """The next token from output row `row` of the last decode."""
+        if self.greedy:
+            return int(np.argmax(logits_of(ctx, row, self.vocab_size)))
+        if self.near_top and (token := pick_near_top(logits_of(ctx, row, self.vocab_size), self.top_k,
+                                                     self.chain)) is not None:
+            return token
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, row)
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
 
 
 @dataclass(frozen=True, slots=True)

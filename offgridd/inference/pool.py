@@ -69,7 +69,8 @@ class ModelPool:
 
     def _plan(self, requested) -> LoadPlan:
         s = self.settings
-        return plan_load(requested, self.store.list(), ctx=s.ctx, available=self.available_memory(),
+        return plan_load(requested, self.store.list(), ctx=s.ctx, sequences=s.parallel,
+                         available=self.available_memory(),
                          max_model_bytes=s.max_model_bytes, quantizations=s.quantizations, bad=set(self.bad))
 
     async def _load(self, plan: LoadPlan, requested: str) -> InferenceWorker:
@@ -82,7 +83,8 @@ class ModelPool:
         await self.unload(name)
         config = WorkerConfig(
             name=name, path=self.store.path_of(plan.manifest), threads=self.threads, ctx=plan.ctx,
-            batch=self.settings.batch, gpu_layers=self.settings.gpu_layers, flash_attn=self.settings.flash_attn,
+            batch=self.settings.batch, sequences=self.settings.parallel, gpu_layers=self.settings.gpu_layers,
+            flash_attn=self.settings.flash_attn,
             memory_limit=self.settings.worker_memory_limit, start_timeout=self.settings.worker_start_timeout,
             safe=name in self.safe_path,
         )

@@ -8,7 +8,8 @@ Daemon -> worker:
   {"op": "threads", "id": 0, "n": int}                         use n threads from the next decode step
 Worker -> daemon:
   {"op": "loaded", "safe": bool}                              the model is in memory; the engine self-test runs next
-  {"op": "ready", "model": str, "n_ctx": int, "pid": int, "version": 1, "self_test": {...}}
+  {"op": "ready", "model": str, "n_ctx": int, "sequences": int, "pid": int, "version": 1, "self_test": {...}}
+                                                              n_ctx per sequence; sequences decoded together
   {"op": "start", "id": int, "prompt_tokens": int}            generation began (the queue wait is over)
   {"op": "token", "id": int, "text": str, "n": int}           text of one or more tokens; n produced so far
   {"op": "done", "id": int, "finish_reason": "stop" | "length" | "cancelled", "prompt_tokens": int,

@@ -1,0 +1,223 @@
+"""Continuous batching: every request the worker takes is a sequence of one llama.cpp context, and each decode step
+carries one token for every generating sequence plus a chunk of a newcomer's prompt.
+
+On a CPU a decode step is bound by reading the weights, so a step that carries a token for four sequences costs
+little more than one for a single sequence. A sequence lives in a slot (llama.cpp's seq_id) whose n_ctx KV cells it
+owns. A finished sequence leaves its tokens in the slot, so a later request that starts with the same tokens (a
+system prompt, a conversation's history) takes that slot and evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from .engine import Engine, SequenceSampler
+from .text import StopScanner, TextBatch
+
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+# While others generate, a newcomer's prompt goes in chunks of this many tokens, so a long prompt delays their next
+# token by one short step instead of one long one; alone, it goes in chunks of the whole batch.
+PREFILL_CHUNK = 128
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # the tokens whose KV cells the slot holds, from position 0
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    rid: int
+    slot: Slot
+    prompt: list[int]
+    limit: int
+    sampler: SequenceSampler
+    stops: StopScanner
+    lead: bool  # a chat reply starts at its first visible character
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    held: TextBatch = field(default_factory=TextBatch)
+    produced: int = 0
+    pending: int | None = None  # sampled, not yet in the KV cache
+    row: int = -1  # the output row of this step's decode that holds its logits
+    chunk: int = 0  # prompt tokens in this step's batch
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.slot.cached) < len(self.prompt)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, n_ctx: int, n_batch: int):
+        self.engine = engine
+        self.ctx = engine.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = n_ctx  # cells per sequence
+        self.n_batch = n_batch
+        self.n_swa = llama_cpp.llama_model_n_swa(engine.model)
+        self.vocab = engine._model.vocab
+        self.slots = [Slot(i) for i in range(engine.n_seq)]
+        self.running: list[Sequence] = []  # in the order they arrived
+        self.batch = llama_cpp.llama_batch_init(n_batch + len(self.slots), 0, 1)
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.running) < len(self.slots)
+
+    def start(self, rid: int, tokens: list[int], params: dict, stops: tuple[str, ...], lead: bool) -> Sequence:
+        """Put a request in a free slot (the one holding the longest prefix of its prompt)."""
+        seeded = params.get("seed") is not None
+        slot, common = self._slot_for(tokens, reuse=not seeded)
+        room = self.n_ctx - len(tokens)
+        sampling = {k: params[k] for k in SAMPLING if params.get(k) is not None}
+        sampler = SequenceSampler(self.engine.vocab_size, params["seed"] if seeded else random.getrandbits(31),
+                                  **sampling)
+        slot.busy = True
+        seq = Sequence(rid=rid, slot=slot, prompt=tokens, limit=min(params.get("max_tokens") or room, room),
+                       sampler=sampler, stops=StopScanner(stops), lead=lead)
+        self.running.append(seq)
+        return seq
+
+    def _slot_for(self, tokens: list[int], reuse: bool) -> tuple[Slot, int]:
+        free = [s for s in self.slots if not s.busy]
+        if reuse:
+            slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
+            # the last prompt token is evaluated again: its logits pick the first new token
+            common = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        else:
+            # a seeded request evaluates its prompt from scratch: a cached prefix was evaluated in other batch shapes,
+            # which moves the logits a little, and the same request must sample the same text
+            slot, common = min(free, key=lambda s: len(s.cached)), 0
+        mem, seq_id = self.memory, slot.seq_id
+        if common > 0:
+            # sliding-window layers keep only the last n_swa positions: a prefix older than that cannot be reused
+            pos_min = llama_cpp.llama_memory_seq_pos_min(mem, seq_id)
+            if pos_min > max(0, common - self.n_swa) or not llama_cpp.llama_memory_seq_rm(mem, seq_id, common, -1):
+                common = 0
+        if common == 0:
+            llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
+        del slot.cached[common:]
+        return slot, common
+
+    def step(self, cancelled: set[int]) -> list[dict]:
+        """One decode step over every running sequence; returns the frames to send."""
+        out: list[dict] = []
+        for seq in [s for s in self.running if s.rid in cancelled]:
+            out += self._finish(seq, "cancelled")
+        in_batch = self._fill_batch()
+        if not in_batch:
+            return out
+        code = llama_cpp.llama_decode(self.ctx, self.batch)
+        if code != 0:
+            for seq in in_batch:
+                out += self._fail(seq, f"llama.cpp could not decode this step (code {code})")
+            return out
+        now = time.monotonic()
+        for seq in in_batch:
+            if seq.pending is not None:
+                seq.slot.cached.append(seq.pending)
+                seq.pending = None
+            seq.slot.cached += seq.prompt[len(seq.slot.cached):len(seq.slot.cached) + seq.chunk]
+            seq.chunk = 0
+            if seq.row >= 0:
+                token = seq.sampler.pick(self.ctx, seq.row)
+                seq.row = -1
+                out += self._advance(seq, token, now)
+        return out
+
+    def _fill_batch(self) -> list[Sequence]:
+        b, n, members = self.batch, 0, []
+
+        def add(token: int, pos: int, seq: Sequence, logits: bool) -> None:
+            nonlocal n
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, logits
+            b.seq_id[n][0] = seq.slot.seq_id
+            if logits:
+                seq.row = n
+            n += 1
+
+        generating = [s for s in self.running if s.pending is not None]
+        for seq in generating:
+            add(seq.pending, len(seq.slot.cached), seq, True)
+            members.append(seq)
+        budget = min(self.n_batch - n, PREFILL_CHUNK) if generating else self.n_batch
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if not seq.prefilling:
+                continue
+            first = len(seq.slot.cached)
+            seq.chunk = min(budget, len(seq.prompt) - first)
+            for pos in range(first, first + seq.chunk):
+                add(seq.prompt[pos], pos, seq, pos == len(seq.prompt) - 1)
+            budget -= seq.chunk
+            members.append(seq)
+        b.n_tokens = n
+        return members
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> list[dict]:
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return self._finish(seq, "stop")
+        seq.produced += 1
+        piece, hit = seq.stops.feed(seq.decoder.decode(self.engine.detokenize([token])))
+        if seq.lead:
+            piece = piece.lstrip()
+            seq.lead = not piece
+        out = []
+        if text := seq.held.add(piece, now):
+            out.append({"op": "token", "id": seq.rid, "text": text, "n": seq.produced})
+        if hit:
+            return out + self._finish(seq, "stop")
+        if seq.produced >= seq.limit:
+            return out + self._finish(seq, "length")
+        seq.pending = token
+        return out
+
+    def _finish(self, seq: Sequence, reason: str) -> list[dict]:
+        out = []
+        if reason != "cancelled" and (tail := seq.held.take() + seq.stops.flush() + seq.decoder.decode(b"", True)):
+            out.append({"op": "token", "id": seq.rid, "text": tail, "n": seq.produced})
+        out.append({"op": "done", "id": seq.rid, "finish_reason": reason, "prompt_tokens": len(seq.prompt),
+                    "completion_tokens": seq.produced})
+        self._release(seq)
+        return out
+
+    def _fail(self, seq: Sequence, message: str) -> list[dict]:
+        self._release(seq)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq.slot.seq_id, -1, -1)  # its cells are in an unknown state
+        seq.slot.cached.clear()
+        return [{"op": "error", "id": seq.rid, "status": 500, "message": message}]
+
+    def fail_all(self, message: str) -> list[dict]:
+        return [frame for seq in list(self.running) for frame in self._fail(seq, message)]
+
+    def _release(self, seq: Sequence) -> None:
+        seq.sampler.close()
+        seq.slot.busy = False
+        seq.pending, seq.row, seq.chunk = None, -1, 0
+        self.running.remove(seq)
+
+    def close(self) -> None:
+        for seq in list(self.running):
+            self._release(seq)
+        llama_cpp.llama_batch_free(self.batch)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

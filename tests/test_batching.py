@@ -1,0 +1,128 @@
+"""Many clients, one worker: requests are decoded together, each gets the text it would get alone, and one that leaves
+or a worker that dies mid-batch costs only what it must."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from urllib.parse import urlparse
+
+import openai
+import pytest
+from conftest import private_state, running_daemon, wait_for
+
+PROMPTS = ("The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):")
+
+
+@pytest.fixture(scope="module")
+def batching_daemon(model_state, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batching")
+    with running_daemon(private_state(model_state, tmp / "state"), tmp / "daemon.log",
+                        env={"OFFGRID_PARALLEL": "4"}) as daemon:
+        yield daemon
+
+
+def client(daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def stream_all(daemon, prompts, **params) -> list[dict]:
+    """Stream one completion per prompt at once; each result has its text and when its first and last text came."""
+    results: list[dict] = [{} for _ in prompts]
+
+    def run(i: int) -> None:
+        r = results[i]
+        r["text"] = ""
+        for chunk in client(daemon).completions.create(model="gemma3-270m", prompt=prompts[i], stream=True,
+                                                       **params):
+            if chunk.choices and chunk.choices[0].text:
+                r.setdefault("first", time.monotonic())
+                r["text"] += chunk.choices[0].text
+        r["done"] = time.monotonic()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return results
+
+
+def alone(daemon, prompt: str, **params) -> str:
+    return client(daemon).completions.create(model="gemma3-270m", prompt=prompt, **params).choices[0].text
+
+
+def test_four_clients_are_decoded_together_and_each_gets_the_text_it_gets_alone(batching_daemon):
+    greedy = {"max_tokens": 48, "temperature": 0}
+    # the first multi-sequence decodes of a fresh context were measured to differ in near-tie tokens from every
+    # later one (docs/design-notes.md): the comparison is of a box that has served before
+    stream_all(batching_daemon, PROMPTS, **greedy)
+    by_itself = [alone(batching_daemon, p, **greedy) for p in PROMPTS]
+    together = stream_all(batching_daemon, PROMPTS, **greedy)
+    assert [r["text"] for r in together] == by_itself
+    # decoded together, not one after another: every client had text before any client was done
+    assert max(r["first"] for r in together) < min(r["done"] for r in together)
+    assert batching_daemon.health()[1]["model"]["sequences"] == 4
+
+
+def test_a_seeded_sample_is_the_same_alone_and_beside_three_others(batching_daemon):
+    sampled = {"max_tokens": 32, "temperature": 0.9, "seed": 1234}
+    by_itself = alone(batching_daemon, PROMPTS[2], **sampled)
+    together = stream_all(batching_daemon, PROMPTS[1:] + PROMPTS[:1], **sampled)
+    assert together[1]["text"] == by_itself
+
+
+def test_a_client_that_leaves_a_batch_stops_only_its_own_sequence(batching_daemon):
+    daemon = batching_daemon
+    long = {"max_tokens": 120, "temperature": 0}
+    before = daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m")
+    url = urlparse(daemon.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "1, 2, 3,", "stream": True, "max_tokens": 1000,
+                                                        "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    leaving = conn.getresponse()
+    results: list[dict] = []
+    others = threading.Thread(target=lambda: results.extend(stream_all(daemon, ["1, 3, 5, 7,", "10, 20, 30,"],
+                                                                      **long)))
+    others.start()
+    for _ in range(3):
+        assert leaving.readline().startswith(b"data: ")
+        assert leaving.readline() == b"\n"
+    conn.sock.shutdown(2)
+    conn.close()
+    wait_for(lambda: daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m") > before,
+             what="the worker to stop the abandoned sequence")
+    others.join(600)
+    assert len(results) == 2 and all("done" in r and r["text"].count(",") > 50 for r in results)  # to their length
+
+
+def test_a_worker_killed_mid_batch_fails_every_stream_in_it_and_the_next_request_succeeds(model_state, tmp_path):
+    state = private_state(model_state, tmp_path / "state")
+    with running_daemon(state, tmp_path / "daemon.log", env={"OFFGRID_PARALLEL": "4"}) as daemon:
+        pid = daemon.health()[1]["model"]["pid"]
+        errors: list[str] = []
+
+        def run(prompt: str) -> None:
+            try:
+                for _ in client(daemon).completions.create(model="gemma3-270m", prompt=prompt, stream=True,
+                                                           max_tokens=1000, temperature=0):
+                    pass
+            except openai.APIError as e:
+                errors.append(e.message)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS[:3]]
+        for t in threads:
+            t.start()
+        wait_for(lambda: daemon.health()[1]["requests"]["active"] == 3, what="three streams to run")
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert len(errors) == 3 and all("worker" in e for e in errors)
+        assert alone(daemon, "The sea is", max_tokens=8)
+        assert daemon.metric("offgridd_worker_restarts_total", model="gemma3-270m") == 1
