@@ -69,6 +69,12 @@ class Runtime:
             self.idle.set()
 
     @property
+    def waiting(self) -> int:
+        """Inference requests not started yet: queued for a slot, or handed to a worker that has not begun them.
+        /health, /metrics and peer announcements (which route by it) all read this one number."""
+        return self.admission.waiting + self.pool.waiting
+
+    @property
     def ready(self) -> bool:
         return self.phase == "ready"
 

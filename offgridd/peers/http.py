@@ -92,7 +92,7 @@ async def inventory(request: web.Request) -> web.Response:
         "models": [{"name": m.name, "sha256": m.sha256, "size": m.size, "architecture": m.architecture,
                     "quantization": m.quantization, "context_length": m.context_length, "license": m.license}
                    for m in manifests],
-        "load": rt.active, "queue": rt.pool.waiting,
+        "load": rt.active, "queue": rt.waiting,
     })
 
 

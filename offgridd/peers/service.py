@@ -205,7 +205,7 @@ class PeerService:
         self.digest = inventory_digest((m.name, m.sha256) for m in self.inventory)
 
     def _load(self) -> tuple[int, int]:
-        return self.rt.active, self.rt.pool.waiting
+        return self.rt.active, self.rt.waiting
 
     def announcement(self) -> PeerAnnouncement:
         """This node as it announces itself now, under the counter of its latest datagram."""
