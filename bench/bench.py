@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -234,7 +235,7 @@ def offgridd_model(offgridd: str, state: Path, name: str, env: dict[str, str]) -
 @dataclass
 class Sample:
     server: str
-    kind: str  # "single" | "concurrent"
+    kind: str  # "c1", "c2", ...: how many streams ran at once
     round: int
     t_send: float
     t_first: float | None = None  # first non-empty content chunk
@@ -373,7 +374,7 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
             await stream_completion(session, s.base, payload(s, "warmup"), warm)
 
         async def one(s: Server, kind: str, r: int, tag: str) -> list[Sample]:
-            n = 1 if kind == "single" else args.concurrency
+            n = int(kind[1:])
             batch = [Sample(s.name, kind, r, 0.0) for _ in range(n)]
             before = meter.snapshot()
             await asyncio.gather(
@@ -400,10 +401,10 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> tuple[list
             for attempt in range(args.max_retries + 1):
                 await wait_quiet(meter, args.noise_threshold, args.quiet_wait)
                 got: list[Sample] = []
-                # single stream A, B; then N concurrent streams A, B; every other round B goes first, so
-                # neither server always follows the other's concurrent burst
+                # each level of concurrency on A, then on B; every other round B goes first, so neither server
+                # always follows the other's concurrent burst
                 order = servers if r % 2 == 0 else servers[::-1]
-                for kind in ("single", "concurrent"):
+                for kind in (f"c{n}" for n in args.levels):
                     for s in order:
                         got += await one(s, kind, r, f"run {r}.{attempt} {kind}")
                 noise = max(x.foreign_cpu_pct + x.steal_cpu_pct for x in got)
@@ -427,32 +428,34 @@ def summarize(samples: list[Sample], runs: int) -> tuple[dict, str]:
     def add(name: str, key: str, value: float) -> None:
         per[name].setdefault(key, []).append(value)
 
+    levels = sorted({int(s.kind[1:]) for s in samples})
     for name in NAMES:
         for r in range(runs):
-            single = [s for s in samples if s.server == name and s.kind == "single" and s.round == r]
+            single = [s for s in samples if s.server == name and s.kind == "c1" and s.round == r]
             for s in single:
                 n = s.tokens(method)
                 add(name, "ttft_ms", 1000 * (s.t_first - s.t_send))
                 if n > 1 and s.t_last > s.t_first:
                     add(name, "decode_tps", (n - 1) / (s.t_last - s.t_first))
                 add(name, "e2e_tps", n / (s.t_done - s.t_send))
-                add(name, "tokens", n)
-            conc = [s for s in samples if s.server == name and s.kind == "concurrent" and s.round == r]
-            if conc:
-                wall = max(s.t_done for s in conc) - min(s.t_send for s in conc)
-                add(name, "conc_agg_tps", sum(s.tokens(method) for s in conc) / wall)
-                add(name, "conc_ttft_ms", statistics.mean(1000 * (s.t_first - s.t_send) for s in conc))
-                add(name, "conc_tokens", statistics.mean(s.tokens(method) for s in conc))
+            for level in levels:
+                conc = [s for s in samples if s.server == name and s.kind == f"c{level}" and s.round == r]
+                if conc:
+                    wall = max(s.t_done for s in conc) - min(s.t_send for s in conc)
+                    add(name, f"c{level}_agg_tps", sum(s.tokens(method) for s in conc) / wall)
+                    add(name, f"c{level}_ttft_ms", statistics.mean(1000 * (s.t_first - s.t_send) for s in conc))
+                    add(name, f"c{level}_tokens", statistics.mean(s.tokens(method) for s in conc))
 
     rows = [
         ("single-stream decode tok/s", "decode_tps", "higher"),
         ("single-stream end-to-end tok/s", "e2e_tps", "higher"),
         ("TTFT single stream (ms)", "ttft_ms", "lower"),
-        ("concurrent aggregate tok/s", "conc_agg_tps", "higher"),
-        ("mean TTFT under concurrency (ms)", "conc_ttft_ms", "lower"),
-        ("completion tokens / request (single)", "tokens", ""),
-        ("completion tokens / request (concurrent)", "conc_tokens", ""),
     ]
+    for level in levels:
+        if level > 1:
+            rows += [(f"{level} concurrent: total tok/s", f"c{level}_agg_tps", "higher"),
+                     (f"{level} concurrent: mean TTFT (ms)", f"c{level}_ttft_ms", "lower")]
+    rows += [(f"completion tokens / request ({level} at once)", f"c{level}_tokens", "") for level in levels]
     summary: dict = {"token_count_method": method, "metrics": {}}
     lines = [
         "| metric | offgridd | llama-server | offgridd / llama-server | same-round ratios, median (min–max) |",
@@ -484,6 +487,15 @@ def summarize(samples: list[Sample], runs: int) -> tuple[dict, str]:
     return summary, "\n".join(lines)
 
 
+def tree_rss_bytes(server: Server) -> int:
+    """Resident memory of a server process and its children (offgridd's daemon plus its worker)."""
+    try:
+        root = psutil.Process(server.proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -510,7 +522,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 picks the top token; above 0 both servers sample with their (equal) default top-k/p, min-p")
-    p.add_argument("--concurrency", type=int, default=4, help="parallel streams for the aggregate test")
+    p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8],
+                   help="how many streams run at once in each measurement, comma-separated")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="sequences each server decodes together (llama-server -np, offgridd's parallel)")
     p.add_argument("--model", default="gemma3-270m", help="offgridd model name")
     p.add_argument("--state", type=Path, default=DEFAULT_STATE, help="persistent offgridd state dir")
     p.add_argument("--offgridd", default=str(ROOT / ".venv" / "bin" / "offgridd"), help="offgridd executable")
@@ -543,7 +558,7 @@ def main() -> int:
     port = free_port()
     off_cmd = [args.offgridd, "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(args.state)]
     off_cmd += ["--threads", threads, "--ctx", ctx]
-    off_env = offgridd_env()
+    off_env = {**offgridd_env(), "OFFGRID_PARALLEL": str(args.parallel)}
     off = Server("offgridd", off_cmd, port, LOG_DIR / f"offgridd-{stamp}.log", env=off_env)
     servers: list[Server] = [off]
     try:
@@ -554,7 +569,9 @@ def main() -> int:
         model_path = manifest["path"]
 
         port = free_port()
-        llama_flags = ["-t", threads, "-tb", threads, "-c", ctx, "-np", str(args.concurrency), "-kvu", "--no-webui"]
+        # offgridd gives each of its sequences ctx cells; llama-server splits -c between its slots
+        llama_flags = ["-t", threads, "-tb", threads, "-c", str(args.ctx * args.parallel), "-np", str(args.parallel),
+                       "--no-webui"]
         llama_cmd = [str(llama_bin), "-m", model_path, "--host", "127.0.0.1", "--port", str(port)]
         llama_cmd += ["--alias", args.model, *llama_flags]
         llama = Server("llama-server", llama_cmd, port, LOG_DIR / f"llama-server-{stamp}.log")
@@ -568,6 +585,7 @@ def main() -> int:
         t0 = time.time()
         samples, discarded = asyncio.run(measure(servers, args))
         elapsed = time.time() - t0
+        memory = {s.name: tree_rss_bytes(s) for s in servers}
     finally:
         for s in reversed(servers):
             s.stop()
@@ -576,7 +594,7 @@ def main() -> int:
     header = (
         f"offgridd vs llama-server — {args.model} ({Path(model_path).name[:16]}…), threads={args.threads}, "
         f"ctx={args.ctx}, max_tokens={args.max_tokens}, temperature={args.temperature}, runs={args.runs}, "
-        f"concurrency={args.concurrency}, "
+        f"levels={args.levels}, parallel={args.parallel}, "
         f"tokens counted by {summary['token_count_method']}; median (min–max); "
         f"{len(discarded) and len({(x.round, x.kind) for x in discarded})} noisy measurement(s) re-run, "
         f"max other-process load kept {max(x.foreign_cpu_pct + x.steal_cpu_pct for x in samples):.0f}% of a core"
@@ -587,10 +605,13 @@ def main() -> int:
     print(table)
     print()
     print("ratio = offgridd / llama-server: >1 is better for tok/s, <1 is better for TTFT.")
+    print("resident memory after the run (server and its children): "
+          + ", ".join(f"{name} {rss / 2**20:.0f} MiB" for name, rss in memory.items()))
 
     result = {
         "timestamp": stamp,
         "elapsed_s": elapsed,
+        "memory_rss_bytes": memory,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {
             "cpu": cpu_model(),
