@@ -46,13 +46,15 @@ def amd64_image(tmp_path_factory) -> Path:
         return Path(given)
     out = tmp_path_factory.mktemp("image")
     started = time.monotonic()
-    run = subprocess.run([str(REPO / "image/build"), "--arch", "amd64", "--out", str(out)], capture_output=True,
-                         text=True, timeout=2400)
+    # --no-compress: xz of the 1.9 GB disk (a third of it the model, twice: the package and the store) takes 5-15 min
+    # on 2 cores and proves nothing about booting.
+    run = subprocess.run([str(REPO / "image/build"), "--arch", "amd64", "--out", str(out), "--no-compress"],
+                         capture_output=True, text=True, timeout=2400)
     if run.returncode != 0:
         pytest.fail(f"image/build failed ({run.returncode}):\n{run.stderr[-6000:]}\n{run.stdout[-2000:]}")
     image = out / "offgridd-amd64.img"
     print(f"\nimage/build: {time.monotonic() - started:.0f} s\n{run.stdout}")
-    assert re.search(r"offgridd-amd64\.img\.xz\s+\d+ bytes .* sha256 [0-9a-f]{64}", run.stdout), run.stdout
+    assert re.search(r"offgridd-amd64\.img\s+\d+ bytes .* sha256 [0-9a-f]{64}", run.stdout), run.stdout
     return image
 
 
@@ -188,8 +190,8 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
                         max_retries=0)
         t = time.monotonic()
         stream = client.chat.completions.create(
-            model="gemma3-270m", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], max_tokens=12,
-            temperature=0, stream=True)
+            model="gemma3-270m", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+            max_tokens=12, temperature=0, stream=True)
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         chat_s = time.monotonic() - t
         assert len(pieces) >= 3 and "".join(pieces).strip(), f"not a stream of tokens: {pieces!r}"
