@@ -177,10 +177,10 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
         # offgridd reached READY=1: the console report shows the unit active with its STATUS line.
         box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
         boot_s = time.monotonic() - box.started
+        ready = report(box, "ready")  # the report's last line: the status lines are on the console by now
         status = "\n".join(line for line in box.log().splitlines() if "offgridd-report: " in line)
         assert re.search(r"Active: active \(running\)", status), f"offgridd is not active:\n{status}"
         assert re.search(r'Status: "[^"]+"', status), f"offgridd's unit shows no STATUS line:\n{status}"
-        ready = report(box, "ready")
         wr_ready = box.disk_bytes_written()
 
         code, body = get(f"http://127.0.0.1:{box.port}/health")
@@ -248,6 +248,7 @@ def test_the_pi_card_carries_the_pi_firmware_and_boots_in_qemu_virt_on_a_pi4_cor
         box.wait_serial(r"offgridd-engine-select: engine .*armv8-a\b", 60, "the armv8-a engine kept on a Cortex-A72")
         box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, "offgridd READY (offgridd-console-report)")
         boot_s = time.monotonic() - box.started
+        report(box, "ready")
         status = "\n".join(line for line in box.log().splitlines() if "offgridd-report: " in line)
         assert re.search(r"Active: active \(running\)", status), f"offgridd is not active:\n{status}"
         code, body = get(f"http://127.0.0.1:{box.port}/health")
