@@ -42,6 +42,8 @@ def stream_all(daemon, prompts, **params) -> list[dict]:
             if chunk.choices and chunk.choices[0].text:
                 r.setdefault("first", time.monotonic())
                 r["text"] += chunk.choices[0].text
+            if chunk.choices and chunk.choices[0].finish_reason:
+                r["finish"] = chunk.choices[0].finish_reason
         r["done"] = time.monotonic()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
@@ -98,7 +100,7 @@ def test_a_client_that_leaves_a_batch_stops_only_its_own_sequence(batching_daemo
     wait_for(lambda: daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m") > before,
              what="the worker to stop the abandoned sequence")
     others.join(600)
-    assert len(results) == 2 and all("done" in r and r["text"].count(",") > 50 for r in results)  # to their length
+    assert [r.get("finish") for r in results] == ["length", "length"]  # both ran to their length
 
 
 def test_a_worker_killed_mid_batch_fails_every_stream_in_it_and_the_next_request_succeeds(model_state, tmp_path):
@@ -126,3 +128,26 @@ def test_a_worker_killed_mid_batch_fails_every_stream_in_it_and_the_next_request
         assert len(errors) == 3 and all("worker" in e for e in errors)
         assert alone(daemon, "The sea is", max_tokens=8)
         assert daemon.metric("offgridd_worker_restarts_total", model="gemma3-270m") == 1
+
+
+def test_n_choices_are_sequences_of_one_prompt_each_with_its_own_seed(batching_daemon):
+    chat = client(batching_daemon).chat.completions
+    messages = [{"role": "user", "content": "Name a colour."}]
+    sampled = {"model": "gemma3-270m", "messages": messages, "max_tokens": 16, "temperature": 0.9}
+    both = chat.create(n=2, seed=7, **sampled)
+    firsts = [chat.create(seed=seed, **sampled) for seed in (7, 8)]  # choice i samples with seed + i
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.message.content for c in both.choices] == [r.choices[0].message.content for r in firsts]
+    assert both.usage.prompt_tokens == firsts[0].usage.prompt_tokens  # one prompt, evaluated for both
+    assert both.usage.completion_tokens == sum(r.usage.completion_tokens for r in firsts)
+
+    indexes, finished = set(), set()
+    for chunk in chat.create(n=3, stream=True, **sampled):
+        for choice in chunk.choices:
+            indexes.add(choice.index)
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert indexes == finished == {0, 1, 2}
+
+    with pytest.raises(openai.BadRequestError, match="n=5 is more choices than this box decodes at once"):
+        chat.create(n=5, **sampled)

@@ -142,7 +142,7 @@ def test_unknown_model_is_404_in_openai_shape(client):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
 ])
 def test_bad_fields_are_400_naming_the_parameter(daemon, body, param):

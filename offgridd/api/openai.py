@@ -136,20 +136,21 @@ async def _answer(request: web.Request, req: GenerationRequest, chat: bool, work
     rt = request.app[RUNTIME]
     name = worker.config.name  # the model that answers: it may stand in for one that does not fit
     frame = {"op": "generate", "prompt": req.prompt, "messages": req.messages, "params": req.params}
-    shape = _Shape(name, chat)
+    shape = _Shape(name, chat, req.params.get("n") or 1)
     async with contextlib.aclosing(_tracked(rt, name, worker.request(frame))) as frames:
         await anext(frames)  # the worker started on it: errors before this point get a plain HTTP status
         if req.stream:
             return await _stream(request, frames, shape, req.include_usage)
-        text, done = [], None
+        texts: list[list[str]] = [[] for _ in range(req.params.get("n") or 1)]
+        done = None
         async for f in frames:
             if f["op"] == "token":
-                text.append(f["text"])
+                texts[f.get("index", 0)].append(f["text"])
             elif f["op"] == "done":
                 done = f
         if done is None:
             raise ApiError(500, "the worker ended the request without finishing it")
-        return web.json_response(shape.whole("".join(text), done))
+        return web.json_response(shape.whole(["".join(t) for t in texts], done))
 
 
 async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Shape, include_usage: bool):
@@ -162,17 +163,23 @@ async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Sha
 
     usage_field = {"usage": None} if include_usage else {}
     if shape.chat:
-        await send({**shape.chunk({"role": "assistant", "content": ""}, None), **usage_field})
-    # every token event is the same JSON around its text: build that once, and per token encode only the text
-    head, tail = json.dumps({**shape.chunk(_MARK, None), **usage_field}, separators=(",", ":")).split(
-        json.dumps(_MARK))
-    head, tail = b"data: " + head.encode(), tail.encode() + b"\n\n"
+        for index in range(shape.n):
+            await send({**shape.chunk({"role": "assistant", "content": ""}, None, index), **usage_field})
+    # every token event of a choice is the same JSON around its text: build that once, and per token encode only the
+    # text
+    events = []
+    for index in range(shape.n):
+        head, tail = json.dumps({**shape.chunk(_MARK, None, index), **usage_field}, separators=(",", ":")).split(
+            json.dumps(_MARK))
+        events.append((b"data: " + head.encode(), tail.encode() + b"\n\n"))
     try:
         async for f in frames:
             if f["op"] == "token":
+                head, tail = events[f.get("index", 0)]
                 await resp.write(head + json.dumps(f["text"]).encode() + tail)
             elif f["op"] == "done":
-                await send({**shape.chunk({} if shape.chat else "", f["finish_reason"]), **usage_field})
+                for index, reason in enumerate(f.get("finish_reasons") or [f["finish_reason"]]):
+                    await send({**shape.chunk({} if shape.chat else "", reason, index), **usage_field})
                 if include_usage:
                     await send({**shape.chunk(None, None), "choices": [], "usage": _usage(f)})
     except (ApiError, InferenceError) as e:
@@ -192,8 +199,8 @@ def _usage(done: dict) -> dict:
 class _Shape:
     """Chat and text completions differ only in their object names and where the text goes."""
 
-    def __init__(self, model: str, chat: bool):
-        self.model, self.chat = model, chat
+    def __init__(self, model: str, chat: bool, n: int = 1):
+        self.model, self.chat, self.n = model, chat, n
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -201,20 +208,21 @@ class _Shape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def chunk(self, delta, finish: str | None) -> dict:
+    def chunk(self, delta, finish: str | None, index: int = 0) -> dict:
         if self.chat:
             if isinstance(delta, str):
                 delta = {"content": delta}
-            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def whole(self, text: str, done: dict) -> dict:
-        finish = done["finish_reason"]
+    def whole(self, texts: list[str], done: dict) -> dict:
+        reasons = done.get("finish_reasons") or [done["finish_reason"]]
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(done)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head("text_completion"), "choices": [choice], "usage": _usage(done)}
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+            return {**self._head("chat.completion"), "choices": choices, "usage": _usage(done)}
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+        return {**self._head("text_completion"), "choices": choices, "usage": _usage(done)}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .errors import ApiError
 
 MAX_STOPS = 8
+MAX_CHOICES = 8  # OpenAI's n: choices decoded together as sequences of one prompt
 MAX_EMBED_INPUTS = 256
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -51,8 +52,6 @@ def _text(value: object, param: str) -> str:
 
 
 def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> GenerationRequest:
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", param="n")
     for key in ("tools", "functions"):
         if body.get(key):
             raise ApiError(400, f"'{key}' is not supported by this server", param=key)
@@ -81,6 +80,7 @@ def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> Gene
         "presence_penalty": _number(body, "presence_penalty", -2, 2),
         "frequency_penalty": _number(body, "frequency_penalty", -2, 2),
         "seed": _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True),
+        "n": _number(body, "n", 1, MAX_CHOICES, integer=True),
         "stop": stop,
     }
     if params["seed"] is not None:

@@ -5,6 +5,9 @@ On a CPU a decode step is bound by reading the weights, so a step that carries a
 little more than one for a single sequence. A sequence lives in a slot (llama.cpp's seq_id) whose n_ctx KV cells it
 owns. A finished sequence leaves its tokens in the slot, so a later request that starts with the same tokens (a
 system prompt, a conversation's history) takes that slot and evaluates only what is new.
+
+A request for n choices is n sequences of one prompt: the first evaluates it, the others copy its cells and take
+their first token from its logits, each with a sampler of its own. The request is done when all of them are.
 """
 
 from __future__ import annotations
@@ -37,8 +40,19 @@ class Slot:
 
 
 @dataclass(eq=False)
-class Sequence:
+class Request:
+    """The choices of one request, and what its done frame reports."""
+
     rid: int
+    prompt_tokens: int
+    reasons: list[str | None]
+    produced: int = 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # the choice it produces
     slot: Slot
     prompt: list[int]
     limit: int
@@ -51,10 +65,15 @@ class Sequence:
     pending: int | None = None  # sampled, not yet in the KV cache
     row: int = -1  # the output row of this step's decode that holds its logits
     chunk: int = 0  # prompt tokens in this step's batch
+    follows: Sequence | None = None  # the sequence evaluating the prompt this one shares, until it has
+
+    @property
+    def rid(self) -> int:
+        return self.request.rid
 
     @property
     def prefilling(self) -> bool:
-        return len(self.slot.cached) < len(self.prompt)
+        return self.follows is None and len(self.slot.cached) < len(self.prompt)
 
 
 class Scheduler:
@@ -71,23 +90,27 @@ class Scheduler:
         self.batch = llama_cpp.llama_batch_init(n_batch + len(self.slots), 0, 1)
         llama_cpp.llama_memory_clear(self.memory, True)
 
-    @property
-    def has_room(self) -> bool:
-        return len(self.running) < len(self.slots)
+    def has_room(self, n: int = 1) -> bool:
+        return len(self.running) + n <= len(self.slots)
 
-    def start(self, rid: int, tokens: list[int], params: dict, stops: tuple[str, ...], lead: bool) -> Sequence:
-        """Put a request in a free slot (the one holding the longest prefix of its prompt)."""
+    def start(self, rid: int, tokens: list[int], params: dict, stops: tuple[str, ...], lead: bool) -> None:
+        """Put a request's n choices in free slots, the first in the one holding the longest prefix of its prompt."""
+        n = params.get("n") or 1
         seeded = params.get("seed") is not None
-        slot, common = self._slot_for(tokens, reuse=not seeded)
         room = self.n_ctx - len(tokens)
         sampling = {k: params[k] for k in SAMPLING if params.get(k) is not None}
-        sampler = SequenceSampler(self.engine.vocab_size, params["seed"] if seeded else random.getrandbits(31),
-                                  **sampling)
-        slot.busy = True
-        seq = Sequence(rid=rid, slot=slot, prompt=tokens, limit=min(params.get("max_tokens") or room, room),
-                       sampler=sampler, stops=StopScanner(stops), lead=lead)
-        self.running.append(seq)
-        return seq
+        request = Request(rid, len(tokens), [None] * n)
+        first = None
+        for index in range(n):
+            slot, _ = self._slot_for(tokens, reuse=not seeded and index == 0)
+            seed = (params["seed"] + index) % (1 << 32) if seeded else random.getrandbits(31)
+            slot.busy = True
+            seq = Sequence(request=request, index=index, slot=slot, prompt=tokens,
+                           limit=min(params.get("max_tokens") or room, room),
+                           sampler=SequenceSampler(self.engine.vocab_size, seed, **sampling),
+                           stops=StopScanner(stops), lead=lead, follows=first)
+            first = first or seq
+            self.running.append(seq)
 
     def _slot_for(self, tokens: list[int], reuse: bool) -> tuple[Slot, int]:
         free = [s for s in self.slots if not s.busy]
@@ -114,14 +137,15 @@ class Scheduler:
         """One decode step over every running sequence; returns the frames to send."""
         out: list[dict] = []
         for seq in [s for s in self.running if s.rid in cancelled]:
-            out += self._finish(seq, "cancelled")
+            if seq in self.running:  # a cancelled choice takes the rest of its request with it
+                out += self._finish(seq, "cancelled")
         in_batch = self._fill_batch()
         if not in_batch:
             return out
         code = llama_cpp.llama_decode(self.ctx, self.batch)
         if code != 0:
-            for seq in in_batch:
-                out += self._fail(seq, f"llama.cpp could not decode this step (code {code})")
+            for request in {s.request: None for s in in_batch}:
+                out += self._fail(request, f"llama.cpp could not decode this step (code {code})")
             return out
         now = time.monotonic()
         for seq in in_batch:
@@ -131,9 +155,14 @@ class Scheduler:
             seq.slot.cached += seq.prompt[len(seq.slot.cached):len(seq.slot.cached) + seq.chunk]
             seq.chunk = 0
             if seq.row >= 0:
-                token = seq.sampler.pick(self.ctx, seq.row)
-                seq.row = -1
-                out += self._advance(seq, token, now)
+                row, seq.row = seq.row, -1
+                # the other choices of its request copy the prompt's cells and pick from the same logits
+                for other in [s for s in self.running if s.follows is seq]:
+                    llama_cpp.llama_memory_seq_cp(self.memory, seq.slot.seq_id, other.slot.seq_id, -1, -1)
+                    other.slot.cached[:] = seq.slot.cached
+                    other.follows = None
+                    out += self._advance(other, other.sampler.pick(self.ctx, row), now)
+                out += self._advance(seq, seq.sampler.pick(self.ctx, row), now)
         return out
 
     def _fill_batch(self) -> list[Sequence]:
@@ -176,7 +205,7 @@ class Scheduler:
             seq.lead = not piece
         out = []
         if text := seq.held.add(piece, now):
-            out.append({"op": "token", "id": seq.rid, "text": text, "n": seq.produced})
+            out.append({"op": "token", "id": seq.rid, "index": seq.index, "text": text, "n": seq.produced})
         if hit:
             return out + self._finish(seq, "stop")
         if seq.produced >= seq.limit:
@@ -187,25 +216,37 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> list[dict]:
         out = []
         if reason != "cancelled" and (tail := seq.held.take() + seq.stops.flush() + seq.decoder.decode(b"", True)):
-            out.append({"op": "token", "id": seq.rid, "text": tail, "n": seq.produced})
-        out.append({"op": "done", "id": seq.rid, "finish_reason": reason, "prompt_tokens": len(seq.prompt),
-                    "completion_tokens": seq.produced})
+            out.append({"op": "token", "id": seq.rid, "index": seq.index, "text": tail, "n": seq.produced})
+        request = seq.request
+        request.reasons[seq.index] = reason
+        request.produced += seq.produced
         self._release(seq)
+        if reason == "cancelled":
+            for other in [s for s in self.running if s.request is request]:
+                request.reasons[other.index] = reason
+                request.produced += other.produced
+                self._release(other)
+        if None not in request.reasons:
+            out.append({"op": "done", "id": request.rid, "finish_reason": request.reasons[0],
+                        "finish_reasons": request.reasons, "prompt_tokens": request.prompt_tokens,
+                        "completion_tokens": request.produced})
         return out
 
-    def _fail(self, seq: Sequence, message: str) -> list[dict]:
-        self._release(seq)
-        llama_cpp.llama_memory_seq_rm(self.memory, seq.slot.seq_id, -1, -1)  # its cells are in an unknown state
-        seq.slot.cached.clear()
-        return [{"op": "error", "id": seq.rid, "status": 500, "message": message}]
+    def _fail(self, request: Request, message: str) -> list[dict]:
+        for seq in [s for s in self.running if s.request is request]:
+            self._release(seq)
+            llama_cpp.llama_memory_seq_rm(self.memory, seq.slot.seq_id, -1, -1)  # its cells are in an unknown state
+            seq.slot.cached.clear()
+        return [{"op": "error", "id": request.rid, "status": 500, "message": message}]
 
     def fail_all(self, message: str) -> list[dict]:
-        return [frame for seq in list(self.running) for frame in self._fail(seq, message)]
+        requests = {s.request: None for s in self.running}  # each once, in order
+        return [frame for request in requests for frame in self._fail(request, message)]
 
     def _release(self, seq: Sequence) -> None:
         seq.sampler.close()
         seq.slot.busy = False
-        seq.pending, seq.row, seq.chunk = None, -1, 0
+        seq.pending, seq.row, seq.chunk, seq.follows = None, -1, 0, None
         self.running.remove(seq)
 
     def close(self) -> None:

@@ -134,8 +134,8 @@ class SequenceSampler:
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         steps = []
         if penalties:
-            steps.append(lib.llama_sampler_init_penalties(PENALTY_LAST_N, repeat_penalty, frequency_penalty,
-                                                          presence_penalty))
+            steps.append(lib.llama_sampler_init_penalties(vocab_size, PENALTY_LAST_N, repeat_penalty,
+                                                          frequency_penalty, presence_penalty))
         if temperature == 0.0:
             steps.append(lib.llama_sampler_init_greedy())
         elif temperature < 0.0:

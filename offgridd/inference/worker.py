@@ -143,7 +143,7 @@ class Worker:
 
     def admit(self) -> None:
         """Start waiting requests while the scheduler has free slots; embeddings run here, between steps."""
-        while self.inbox and (self.inbox[0]["op"] != "generate" or self.scheduler.has_room):
+        while self.inbox and self._can_start(self.inbox[0]):
             frame = self.inbox.popleft()
             rid = frame.get("id", 0)
             try:
@@ -163,6 +163,10 @@ class Worker:
                 log.exception("request %s failed", rid)
                 self.send({"op": "error", "id": rid, "status": 500, "message": f"inference failed: {e}"})
 
+    def _can_start(self, frame: dict) -> bool:
+        """A generation waits for a slot for each choice (one asking for more than there are starts, to be refused)."""
+        return frame["op"] != "generate" or self.scheduler.has_room(min(_choices(frame), len(self.scheduler.slots)))
+
     def prompt_for(self, frame: dict) -> ChatPrompt:
         if frame.get("messages") is not None:
             if self.template:
@@ -172,6 +176,9 @@ class Worker:
 
     def start(self, rid: int, frame: dict) -> None:
         params = frame.get("params") or {}
+        if _choices(frame) > len(self.scheduler.slots):
+            raise RequestError(400, f"n={_choices(frame)} is more choices than this box decodes at once "
+                                    f"({len(self.scheduler.slots)})")
         prompt = self.prompt_for(frame)
         tokens = self.llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos, special=True)
         if len(tokens) >= self.n_ctx:
@@ -195,6 +202,11 @@ class Worker:
         data = [self.embedder.embed(s, normalize=True) for s in inputs]
         self.channel.send({"op": "embedding", "id": rid, "data": data, "prompt_tokens": sum(counts)})
 
+
+
+def _choices(frame: dict) -> int:
+    """How many sequences a generation needs: OpenAI's n."""
+    return int((frame.get("params") or {}).get("n") or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
