@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+from boards import BOARDS, board_tree, set_temperature, write_meminfo
 from conftest import private_state, running_daemon, wait_for
 
 PROMPTS = ("The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):")
@@ -151,3 +152,23 @@ def test_n_choices_are_sequences_of_one_prompt_each_with_its_own_seed(batching_d
 
     with pytest.raises(openai.BadRequestError, match="n=5 is more choices than this box decodes at once"):
         chat.create(n=5, **sampled)
+
+
+def test_heat_and_memory_pressure_arriving_mid_batch_slow_it_down_without_breaking_it(model_state, tmp_path):
+    root = board_tree(tmp_path / "root", "pc")  # the generic x86 profile: 4 sequences, throttle at 90 °C
+    env = {"OFFGRID_HARDWARE_ROOT": str(root), "OFFGRID_THREADS": "2", "OFFGRID_HARDWARE_SAMPLE_SECONDS": "0.3"}
+    with running_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log", board_settings=True,
+                        env=env) as daemon:
+        results: list[dict] = []
+        streams = threading.Thread(target=lambda: results.extend(
+            stream_all(daemon, ["1, 2, 3,", "10, 20, 30,", "2, 4, 6,"], max_tokens=400, temperature=0)))
+        streams.start()
+        wait_for(lambda: daemon.health()[1]["requests"]["active"] == 3, what="three streams to run")
+        set_temperature(root, 93.0)
+        wait_for(lambda: daemon.metric("offgridd_threads") == 1, what="the worker to drop to one thread")
+        write_meminfo(root, BOARDS["pc"]["mem_kb"], BOARDS["pc"]["mem_kb"] // 20)
+        wait_for(lambda: daemon.health()[1]["queue"]["slots"] == 1, what="memory pressure to narrow admission")
+        assert daemon.health()[1]["loaded"] == {"gemma3-270m": "ready"}  # busy, so not unloaded
+        streams.join(600)
+        assert [r.get("finish") for r in results] == ["length"] * 3
+        assert daemon.metric("offgridd_worker_restarts_total", model="gemma3-270m") == 0
