@@ -2,6 +2,7 @@
 
 Daemon -> worker:
   {"op": "generate", "id": int, "prompt": str | None, "messages": list | None, "params": {...}}
+                                                              params may hold n: that many choices of one prompt
   {"op": "embed", "id": int, "input": [str, ...]}
   {"op": "cancel", "id": int}
   {"op": "ack", "id": int}                                     the token frame before this was passed on
@@ -11,9 +12,12 @@ Worker -> daemon:
   {"op": "ready", "model": str, "n_ctx": int, "sequences": int, "pid": int, "version": 1, "self_test": {...}}
                                                               n_ctx per sequence; sequences decoded together
   {"op": "start", "id": int, "prompt_tokens": int}            generation began (the queue wait is over)
-  {"op": "token", "id": int, "text": str, "n": int}           text of one or more tokens; n produced so far
-  {"op": "done", "id": int, "finish_reason": "stop" | "length" | "cancelled", "prompt_tokens": int,
-   "completion_tokens": int}
+  {"op": "token", "id": int, "index": int, "text": str, "n": int}
+                                                              text of one or more tokens of choice `index`; n
+                                                              produced so far in that choice
+  {"op": "done", "id": int, "finish_reason": "stop" | "length" | "cancelled", "finish_reasons": [str, ...],
+   "prompt_tokens": int, "completion_tokens": int}            after every choice ended: finish_reason is choice 0's,
+                                                              completion_tokens the sum over choices
   {"op": "embedding", "id": int, "data": [[float, ...], ...], "prompt_tokens": int}
   {"op": "error", "id": int, "status": int, "message": str}
 """
