@@ -28,6 +28,7 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 CPU = "max"  # x86-64-v3 under TCG: AVX2 and FMA, no AVX-512
 ARM_CPU = "cortex-a72"  # a Pi 4's core: the first boot must keep the armv8-a engine
+PI5_CPU = "cortex-a76"  # a Pi 5's core: dotprod and fp16, the armv8.2-a engine
 READY_WAIT_S = 1200  # first boot under TCG: firmware, kernel, grow, the daemon loading and proving the model
 CHAT_WAIT_S = 600
 
@@ -61,7 +62,8 @@ def amd64_image(tmp_path_factory) -> Path:
 class Box:
     """One qemu boot of the image: a qcow2 overlay (the image stays pristine), UEFI, serial console to a file."""
 
-    def __init__(self, image: Path, work: Path, *, rtc: str = "base=utc", grow_mib: int = 1024, arch: str = "amd64"):
+    def __init__(self, image: Path, work: Path, *, rtc: str = "base=utc", grow_mib: int = 1024, arch: str = "amd64",
+                 arm_cpu: str = ARM_CPU):
         self.work, self.port = work, free_port()
         self.serial = work / "serial.log"
         self.qmp_path = work / "qmp.sock"
@@ -79,7 +81,7 @@ class Box:
                        "-drive", f"if=pflash,format=raw,file={work / 'OVMF_VARS.fd'}"]
         else:  # -M virt has no Pi firmware: the image's own kernel and initrd, written beside it by image/build
             stem = str(image).removesuffix(".img")
-            machine = ["qemu-system-aarch64", "-M", "virt", "-cpu", ARM_CPU, "-kernel", f"{stem}.vmlinuz",
+            machine = ["qemu-system-aarch64", "-M", "virt", "-cpu", arm_cpu, "-kernel", f"{stem}.vmlinuz",
                        "-initrd", f"{stem}.initrd.img",
                        "-append", "root=LABEL=offgrid-root ro console=ttyAMA0 quiet"]
         self.proc = subprocess.Popen([
@@ -229,7 +231,7 @@ def test_the_card_boots_on_its_own_and_a_lan_client_streams_tokens_from_it(amd64
                     reason="the arm64 image takes ~25 min to build here (qemu-user) and boots slowly under TCG: "
                            "build it with `image/build --arch arm64 --out DIR`, then set OFFGRID_TEST_ARM64_IMAGE="
                            "DIR/offgridd-arm64.img (image/README.md shows the last result)")
-def test_the_pi_card_carries_the_pi_firmware_and_boots_in_qemu_virt_on_a_pi4_core(tmp_path):
+def test_the_pi_card_carries_the_pi_firmware_and_boots_on_a_pi4_core_then_a_pi5_core(tmp_path):
     image = Path(os.environ["OFFGRID_TEST_ARM64_IMAGE"])
     # The Pi's FAT boot partition starts at 1 MiB: firmware, device trees, config.txt, cmdline.txt, kernel, initrd.
     fat = f"{image}@@1M"
@@ -261,6 +263,21 @@ def test_the_pi_card_carries_the_pi_firmware_and_boots_in_qemu_virt_on_a_pi4_cor
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert pieces, "no streamed tokens"
         print(f"\narm64 (-M virt, {ARM_CPU}): READY {boot_s:.0f} s after power-on; streamed {''.join(pieces)!r}")
+        box.power_off()
+
+        # The same card moved to a Pi 5's core: the engine built for armv8.2-a+dotprod+fp16 replaces the Pi 4's.
+        box.serial.rename(tmp_path / "serial-cortex-a72.log")
+        box = Box(image, tmp_path, arch="arm64", arm_cpu=PI5_CPU)
+        box.wait_serial(r"offgridd-engine-select: engine switched from armv8-a to armv8\.2-a", 300,
+                        f"the armv8.2-a engine chosen on a {PI5_CPU}")
+        box.wait_serial(r"offgridd-report: ready after", READY_WAIT_S, f"offgridd READY on a {PI5_CPU}")
+        report(box, "ready")
+        assert get(f"http://127.0.0.1:{box.port}/health")[0] == 200
+        client = OpenAI(base_url=f"http://127.0.0.1:{box.port}/v1", api_key="none", timeout=CHAT_WAIT_S,
+                        max_retries=0)
+        stream = client.chat.completions.create(
+            model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, stream=True)
+        assert [c for c in stream if c.choices and c.choices[0].delta.content], f"no tokens on a {PI5_CPU}"
         box.power_off()
     finally:
         box.kill()
