@@ -102,7 +102,7 @@ class Scheduler:
         request = Request(rid, len(tokens), [None] * n)
         first = None
         for index in range(n):
-            slot, _ = self._slot_for(tokens, reuse=not seeded and index == 0)
+            slot = self._slot_for(tokens, reuse=not seeded and index == 0)
             seed = (params["seed"] + index) % (1 << 32) if seeded else random.getrandbits(31)
             slot.busy = True
             seq = Sequence(request=request, index=index, slot=slot, prompt=tokens,
@@ -112,15 +112,17 @@ class Scheduler:
             first = first or seq
             self.running.append(seq)
 
-    def _slot_for(self, tokens: list[int], reuse: bool) -> tuple[Slot, int]:
+    def _slot_for(self, tokens: list[int], reuse: bool) -> Slot:
+        """A free slot with its cells cut back to the prefix of `tokens` it can reuse (none unless `reuse`)."""
         free = [s for s in self.slots if not s.busy]
         if reuse:
             slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
             # the last prompt token is evaluated again: its logits pick the first new token
             common = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         else:
-            # a seeded request evaluates its prompt from scratch: a cached prefix was evaluated in other batch shapes,
-            # which moves the logits a little, and the same request must sample the same text
+            # a seeded request evaluates its prompt from scratch (a cached prefix was evaluated in other batch shapes,
+            # which moves the logits a little, and the same request must sample the same text); the other choices
+            # of a request get the first choice's cells copied in
             slot, common = min(free, key=lambda s: len(s.cached)), 0
         mem, seq_id = self.memory, slot.seq_id
         if common > 0:
@@ -131,7 +133,7 @@ class Scheduler:
         if common == 0:
             llama_cpp.llama_memory_seq_rm(mem, seq_id, -1, -1)
         del slot.cached[common:]
-        return slot, common
+        return slot
 
     def step(self, cancelled: set[int]) -> list[dict]:
         """One decode step over every running sequence; returns the frames to send."""
