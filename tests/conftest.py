@@ -17,7 +17,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -61,6 +63,20 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def stream_then_leave(url: str, body: dict, events: int) -> None:
+    """Stream a completion, read `events` of its events, then drop the connection, as a client that leaves does."""
+    where = urlparse(url)
+    conn = HTTPConnection(where.hostname, where.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(events):
+        assert resp.readline().startswith(b"data: ")
+        assert resp.readline() == b"\n"
+    conn.sock.shutdown(2)
+    conn.close()
 
 
 class EventLog(threading.Thread):

@@ -3,18 +3,15 @@ or a worker that dies mid-batch costs only what it must."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import signal
 import threading
 import time
-from urllib.parse import urlparse
 
 import openai
 import pytest
 from boards import BOARDS, board_tree, set_temperature, write_meminfo
-from conftest import private_state, running_daemon, wait_for
+from conftest import private_state, running_daemon, stream_then_leave, wait_for
 
 PROMPTS = ("The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def fib(n):")
 
@@ -83,21 +80,11 @@ def test_a_client_that_leaves_a_batch_stops_only_its_own_sequence(batching_daemo
     daemon = batching_daemon
     long = {"max_tokens": 120, "temperature": 0}
     before = daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m")
-    url = urlparse(daemon.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "1, 2, 3,", "stream": True, "max_tokens": 1000,
-                                                        "temperature": 0}),
-                 {"Content-Type": "application/json"})
-    leaving = conn.getresponse()
     results: list[dict] = []
     others = threading.Thread(target=lambda: results.extend(stream_all(daemon, ["1, 3, 5, 7,", "10, 20, 30,"],
                                                                       **long)))
     others.start()
-    for _ in range(3):
-        assert leaving.readline().startswith(b"data: ")
-        assert leaving.readline() == b"\n"
-    conn.sock.shutdown(2)
-    conn.close()
+    stream_then_leave(daemon.url, {"prompt": "1, 2, 3,", "max_tokens": 1000, "temperature": 0}, events=3)
     wait_for(lambda: daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m") > before,
              what="the worker to stop the abandoned sequence")
     others.join(600)

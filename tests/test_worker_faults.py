@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import threading
-from urllib.parse import urlparse
 
 import openai
 import pytest
 from conftest import http as call
-from conftest import wait_for
+from conftest import stream_then_leave, wait_for
 
 LONG = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 1500, "temperature": 0}
 
@@ -70,17 +68,7 @@ def test_worker_killed_during_a_whole_request_answers_503_in_openai_shape(own_da
 def test_client_that_disconnects_mid_stream_stops_its_generation(daemon):
     before = daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m")
     tokens_before = daemon.metric("offgridd_completion_tokens_total", model="gemma3-270m")
-    url = urlparse(daemon.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps({**LONG, "stream": True}),
-                 {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    for _ in range(5):
-        assert resp.readline().startswith(b"data: ")
-        assert resp.readline() == b"\n"
-    conn.sock.shutdown(2)
-    conn.close()
+    stream_then_leave(daemon.url, LONG, events=5)
 
     wait_for(lambda: daemon.metric("offgridd_requests_abandoned_total", model="gemma3-270m") > before,
              what="the worker to report the abandoned generation")
