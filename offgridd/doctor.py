@@ -11,13 +11,13 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import engine_build
+from .inference.client import describe_exit
 
 PROBE_TIMEOUT_S = 300
 # CPU flags worth showing: what the targets need, what they must not use (AMX), and ARM's optional extensions
@@ -69,11 +69,7 @@ def _run_probe(model: Path, threads: int, seconds: float, safe: bool) -> dict:
     if done.returncode == 0:
         return {"ok": True, "safe": safe, **json.loads(done.stdout)}
     if done.returncode < 0:
-        try:
-            how = signal.Signals(-done.returncode).name
-        except ValueError:
-            how = f"signal {-done.returncode}"
-        error = f"the engine died with {how}"
+        error = f"the engine died with {describe_exit(done.returncode)}"
     else:
         error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
     return {"ok": False, "safe": safe, "error": error}

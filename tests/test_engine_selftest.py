@@ -89,6 +89,6 @@ def test_doctor_finds_an_engine_that_crashes_and_proves_the_safe_path(model_stat
     code, report = doctor(private_state(model_state, tmp_path / "state"), tmp_path,
                           env={"OFFGRID_ENGINE_FAULT": "self-test"})
     assert code == 1 and report["verdict"] == "safe-path"
-    assert report["normal"] == {"ok": False, "safe": False, "error": "the engine died with SIGSEGV"}
+    assert report["normal"] == {"ok": False, "safe": False, "error": "the engine died with signal SIGSEGV"}
     assert report["safe"]["ok"] and report["safe"]["decode"]["tokens_per_second"] > 0
     assert any("safe path" in line for line in report["advice"])

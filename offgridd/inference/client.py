@@ -216,7 +216,7 @@ class InferenceWorker:
             self._ready.clear()
             self._link.transport.close()
             code = await self._reap()
-            self.reason = (not self._loaded and self._load_error) or f"worker exited with {_describe(code)}"
+            self.reason = (not self._loaded and self._load_error) or f"worker exited with {describe_exit(code)}"
             for q in self._pending.values():
                 q.put_nowait(_CLOSED)
         if self._loaded:
@@ -328,7 +328,8 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _describe(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
+    """A process's return code in words: "signal SIGSEGV", "exit code 3"."""
     if code is None:
         return "an unknown status"
     if code < 0:
