@@ -110,10 +110,6 @@ def target(name: str) -> Target:
         raise BuildError(f"unknown engine target {name!r}; known: {', '.join(TARGETS)}") from None
 
 
-def missing_features(t: Target, features: set[str]) -> list[str]:
-    return [f for f in t.needs if f not in features]
-
-
 def engine_version() -> str:
     """The llama-cpp-python version pinned in pyproject.toml: one place says which engine offgridd runs."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

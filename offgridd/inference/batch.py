@@ -251,11 +251,6 @@ class Scheduler:
         seq.pending, seq.row, seq.chunk, seq.follows = None, -1, 0, None
         self.running.remove(seq)
 
-    def close(self) -> None:
-        for seq in list(self.running):
-            self._release(seq)
-        llama_cpp.llama_batch_free(self.batch)
-
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
