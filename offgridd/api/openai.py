@@ -141,7 +141,7 @@ async def _answer(request: web.Request, req: GenerationRequest, chat: bool, work
         await anext(frames)  # the worker started on it: errors before this point get a plain HTTP status
         if req.stream:
             return await _stream(request, frames, shape, req.include_usage)
-        texts: list[list[str]] = [[] for _ in range(req.params.get("n") or 1)]
+        texts: list[list[str]] = [[] for _ in range(shape.n)]
         done = None
         async for f in frames:
             if f["op"] == "token":
