@@ -1,0 +1,126 @@
+"""What history is made of: conversations, messages, owner scopes, bounds and the errors a person can act on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool", "error")
+SOURCES = ("ui", "api")
+MAX_TITLE_CHARS = 200
+MAX_MESSAGE_CHARS = 1 << 20  # a generous bound on one message; the HTTP body limit is usually the tighter one
+MAX_PAGE = 200
+DEFAULT_TITLE = "New conversation"
+
+
+class _Everyone:
+    def __repr__(self) -> str:
+        return "EVERYONE"
+
+
+EVERYONE: Any = _Everyone()  # the owner scope of the admin and the local CLI: every owner's conversations
+Owner = str | None  # or EVERYONE
+
+
+class HistoryError(Exception):
+    """A request about history that cannot be done; the message says why, in words for the person asking."""
+
+
+class ConversationNotFound(HistoryError, LookupError):
+    pass
+
+
+class InvalidHistory(HistoryError, ValueError):
+    pass
+
+
+class HistoryFull(HistoryError):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Conversation:
+    id: str
+    title: str
+    created: float
+    updated: float
+    owner: str | None
+    model: str
+    source: str  # "ui" | "api"
+    message_count: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    id: int
+    conversation_id: str
+    role: str
+    content: str
+    created: float
+    model: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transcript:
+    """A conversation with its messages, oldest first."""
+    conversation: Conversation
+    messages: tuple[Message, ...]
+
+    def to_dict(self) -> dict:
+        return self.conversation.to_dict() | {"messages": [m.to_dict() for m in self.messages]}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationPage:
+    conversations: tuple[Conversation, ...]  # newest activity first
+    total: int
+    next_offset: int | None  # None on the last page
+
+    def to_dict(self) -> dict:
+        return {"conversations": [c.to_dict() for c in self.conversations], "total": self.total,
+                "next_offset": self.next_offset}
+
+
+def owner_clause(owner: Owner, column: str = "owner") -> tuple[str, list]:
+    if owner is EVERYONE:
+        return "1", []
+    if owner is not None and not isinstance(owner, str):
+        raise TypeError(f"owner must be a key name, None or EVERYONE, not {owner!r}")
+    return f"{column} IS ?", [owner]
+
+
+def clean_title(title: str) -> str:
+    if not isinstance(title, str):
+        raise InvalidHistory("a title is text")
+    title = " ".join(title.split())[:MAX_TITLE_CHARS]
+    if not title:
+        raise InvalidHistory("a title needs at least one visible character")
+    return title
+
+
+def check_message(role: str, content: str) -> None:
+    if role not in ROLES:
+        raise InvalidHistory(f"a message's role is one of {', '.join(ROLES)}, not {role!r}")
+    if not isinstance(content, str):
+        raise InvalidHistory("a message's content is text")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise InvalidHistory(f"a message holds at most {MAX_MESSAGE_CHARS} characters, this one {len(content)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportReport:
+    imported: dict[str, str]  # the browser's id -> the new conversation's id
+    already: dict[str, str]  # imported before: the browser's id -> that conversation's id
+    rejected: tuple[str, ...]  # one reason per conversation or message left out
+
+    def to_dict(self) -> dict:
+        return asdict(self)

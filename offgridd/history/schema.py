@@ -1,0 +1,32 @@
+"""History's tables, indexes and FTS5 indexes in offgridd.db, created idempotently on the writer thread."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+# porter: "install" finds "installing"; remove_diacritics 2: "cafe" finds "café".
+TOKENIZE = "porter unicode61 remove_diacritics 2"
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create what is missing; safe to call on every open, and on a database written by an older version."""
+    # An explicit INTEGER PRIMARY KEY on both tables: the FTS indexes point at rows by rowid, and VACUUM may renumber
+    # the implicit rowids of a table that has none, which would silently detach the index from its rows.
+    db["conversations"].create(
+        {"n": int, "id": str, "title": str, "created": float, "updated": float, "owner": str, "model": str,
+         "source": str, "client_id": str},
+        pk="n", not_null={"id", "title", "created", "updated", "model", "source"}, if_not_exists=True)
+    db["messages"].create(
+        {"id": int, "conversation_id": str, "role": str, "content": str, "created": float, "model": str,
+         "prompt_tokens": int, "completion_tokens": int, "finish_reason": str},
+        pk="id", not_null={"conversation_id", "role", "content", "created", "model"}, if_not_exists=True)
+    db.executescript("""
+        CREATE UNIQUE INDEX IF NOT EXISTS conversations_id ON conversations(id);
+        CREATE INDEX IF NOT EXISTS conversations_owner_updated ON conversations(owner, updated DESC);
+        CREATE UNIQUE INDEX IF NOT EXISTS conversations_owner_client_id
+            ON conversations(ifnull(owner, ''), client_id) WHERE client_id IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, id);
+    """)
+    # Triggers keep each index in step with its table inside the writing transaction: a crash loses both or neither.
+    db["conversations"].enable_fts(["title"], create_triggers=True, tokenize=TOKENIZE)
+    db["messages"].enable_fts(["content"], create_triggers=True, tokenize=TOKENIZE)

@@ -1,0 +1,233 @@
+"""Conversations and their messages in offgridd.db, scoped per owner (an API key's name, or None without keys).
+
+Every function taking a `sqlite_utils.Database` runs on the database's one writer thread; `ConversationStore` is the
+asynchronous face the HTTP layer and the daemon use, and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import sqlite_utils
+
+from ..db import Database
+from .browser import BrowserConversation, parse_browser_storage
+from .records import (
+    DEFAULT_TITLE,
+    EVERYONE,
+    MAX_PAGE,
+    SOURCES,
+    Conversation,
+    ConversationNotFound,
+    ConversationPage,
+    ImportReport,
+    InvalidHistory,
+    Message,
+    Owner,
+    Transcript,
+    check_message,
+    clean_title,
+    owner_clause,
+)
+from .schema import ensure_schema
+from .search import SearchHit, search
+from .size import DatabaseSize, VacuumResult, check_room, database_size, vacuum
+
+T = TypeVar("T")
+
+_CONVERSATION_COLUMNS = ("c.id, c.title, c.created, c.updated, c.owner, c.model, c.source, "
+                         "(SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count")
+
+
+def _conversation(row: tuple) -> Conversation:
+    id_, title, created, updated, owner, model, source, count = row
+    return Conversation(id=id_, title=title, created=created, updated=updated, owner=owner, model=model,
+                        source=source, message_count=count)
+
+
+def _find(db: sqlite_utils.Database, conversation_id: str, owner: Owner) -> Conversation:
+    where, params = owner_clause(owner, "c.owner")
+    row = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? AND {where}",
+                     [conversation_id, *params]).fetchone()
+    if row is None:
+        raise ConversationNotFound(f"no conversation {conversation_id!r}" + ("" if owner is EVERYONE else
+                                   " under this key"))
+    return _conversation(row)
+
+
+def create_conversation(db: sqlite_utils.Database, *, owner: str | None, title: str = DEFAULT_TITLE,
+                        model: str = "", source: str = "ui", max_bytes: int = 0, client_id: str | None = None,
+                        created: float | None = None) -> Conversation:
+    if owner is EVERYONE:
+        raise InvalidHistory("a conversation belongs to one owner (a key's name, or none)")
+    if source not in SOURCES:
+        raise InvalidHistory(f"a conversation's source is one of {', '.join(SOURCES)}, not {source!r}")
+    title = clean_title(title)
+    check_room(db, max_bytes, len(title))
+    now = time.time() if created is None else created
+    row = {"id": uuid.uuid4().hex, "title": title, "created": now, "updated": now, "owner": owner,
+           "model": model or "", "source": source, "client_id": client_id}
+    with db.conn:
+        db["conversations"].insert(row)
+    return Conversation(**{k: v for k, v in row.items() if k != "client_id"})
+
+
+def append_message(db: sqlite_utils.Database, conversation_id: str, *, owner: Owner, role: str, content: str,
+                   model: str = "", prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                   finish_reason: str | None = None, max_bytes: int = 0) -> Message:
+    check_message(role, content)
+    _find(db, conversation_id, owner)
+    check_room(db, max_bytes, len(content.encode("utf-8", "surrogatepass")))
+    now = time.time()
+    row = {"conversation_id": conversation_id, "role": role, "content": content, "created": now,
+           "model": model or "", "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "finish_reason": finish_reason}
+    with db.conn:  # the message and the conversation's activity time in one transaction
+        message_id = db["messages"].insert(row).last_pk
+        db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
+    return Message(id=message_id, **row)
+
+
+def list_conversations(db: sqlite_utils.Database, *, owner: Owner, limit: int = 50,
+                       offset: int = 0) -> ConversationPage:
+    limit = max(1, min(int(limit), MAX_PAGE))
+    offset = max(0, int(offset))
+    where, params = owner_clause(owner, "c.owner")
+    total = db.execute(f"SELECT count(*) FROM conversations c WHERE {where}", params).fetchone()[0]
+    rows = db.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE {where} "
+                      "ORDER BY c.updated DESC, c.n DESC LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+    more = offset + len(rows) < total
+    return ConversationPage(conversations=tuple(map(_conversation, rows)), total=total,
+                            next_offset=offset + len(rows) if more else None)
+
+
+def get_transcript(db: sqlite_utils.Database, conversation_id: str, *, owner: Owner) -> Transcript:
+    conversation = _find(db, conversation_id, owner)
+    rows = db.execute("SELECT id, conversation_id, role, content, created, model, prompt_tokens, completion_tokens, "
+                      "finish_reason FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
+    names = ("id", "conversation_id", "role", "content", "created", "model", "prompt_tokens", "completion_tokens",
+             "finish_reason")
+    messages = tuple(Message(**dict(zip(names, r, strict=True))) for r in rows)
+    return Transcript(conversation=conversation, messages=messages)
+
+
+def rename_conversation(db: sqlite_utils.Database, conversation_id: str, title: str, *,
+                        owner: Owner) -> Conversation:
+    title = clean_title(title)
+    _find(db, conversation_id, owner)
+    with db.conn:
+        db.execute("UPDATE conversations SET title = ? WHERE id = ?", [title, conversation_id])
+    return _find(db, conversation_id, owner)
+
+
+def delete_conversation(db: sqlite_utils.Database, conversation_id: str, *, owner: Owner) -> int:
+    """Delete a conversation and its messages; returns how many messages went with it."""
+    _find(db, conversation_id, owner)
+    with db.conn:
+        gone = db.execute("DELETE FROM messages WHERE conversation_id = ?", [conversation_id]).rowcount
+        db.execute("DELETE FROM conversations WHERE id = ?", [conversation_id])
+    return gone
+
+
+def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserConversation], *,
+                                 rejected: tuple[str, ...] = (), owner: str | None, max_bytes: int = 0) -> ImportReport:
+    imported: dict[str, str] = {}
+    already: dict[str, str] = {}
+    for conversation in found:
+        row = db.execute("SELECT id FROM conversations WHERE ifnull(owner, '') = ifnull(?, '') AND client_id = ?",
+                         [owner, conversation.client_id]).fetchone()
+        if row is not None:
+            already[conversation.client_id] = row[0]
+            continue
+        check_room(db, max_bytes, conversation.size())
+        conversation_id = uuid.uuid4().hex
+        with db.conn:  # all of a conversation or none of it, so a failed import can simply be sent again
+            db["conversations"].insert({
+                "id": conversation_id, "title": conversation.title, "created": conversation.created,
+                "updated": conversation.created, "owner": owner, "model": conversation.model, "source": "ui",
+                "client_id": conversation.client_id})
+            db["messages"].insert_all(({
+                "conversation_id": conversation_id, "role": m.role, "content": m.content,
+                "created": conversation.created, "model": conversation.model if m.role == "assistant" else "",
+                "prompt_tokens": None, "completion_tokens": m.completion_tokens, "finish_reason": None,
+            } for m in conversation.messages), batch_size=200)
+        imported[conversation.client_id] = conversation_id
+    return ImportReport(imported=imported, already=already, rejected=tuple(rejected))
+
+
+class ConversationStore:
+    """History on the box, through the daemon's one database thread."""
+
+    def __init__(self, db: Database, *, max_bytes: int = 0):
+        self.db = db
+        self.max_bytes = max_bytes  # 0: no bound
+        self._ready = False  # only read and written on the database thread
+
+    def _on_thread(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[sqlite_utils.Database], T]:
+        def run(db: sqlite_utils.Database) -> T:
+            if not self._ready:
+                ensure_schema(db)
+                self._ready = True
+            return fn(db, *args, **kwargs)
+        return run
+
+    async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return await self.db.run(self._on_thread(fn, *args, **kwargs))
+
+    async def create(self, *, owner: str | None, title: str = DEFAULT_TITLE, model: str = "",
+                     source: str = "ui") -> Conversation:
+        return await self._run(create_conversation, owner=owner, title=title, model=model, source=source,
+                               max_bytes=self.max_bytes)
+
+    async def append(self, conversation_id: str, *, owner: Owner, role: str, content: str, model: str = "",
+                     prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                     finish_reason: str | None = None) -> Message:
+        return await self._run(append_message, conversation_id, owner=owner, role=role, content=content,
+                               model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                               finish_reason=finish_reason, max_bytes=self.max_bytes)
+
+    async def list(self, *, owner: Owner, limit: int = 50, offset: int = 0) -> ConversationPage:
+        return await self._run(list_conversations, owner=owner, limit=limit, offset=offset)
+
+    async def get(self, conversation_id: str, *, owner: Owner) -> Transcript:
+        return await self._run(get_transcript, conversation_id, owner=owner)
+
+    async def rename(self, conversation_id: str, title: str, *, owner: Owner) -> Conversation:
+        return await self._run(rename_conversation, conversation_id, title, owner=owner)
+
+    async def delete(self, conversation_id: str, *, owner: Owner) -> int:
+        return await self._run(delete_conversation, conversation_id, owner=owner)
+
+    async def search(self, text: str, *, owner: Owner, limit: int = 20) -> tuple[SearchHit, ...]:
+        return await self._run(search, text, owner=owner, limit=limit)
+
+    async def import_browser(self, saved: object, *, owner: str | None) -> ImportReport:
+        """Import what the UI kept in localStorage ("offgrid.conversations"); each conversation once, by its id."""
+        found, rejected = parse_browser_storage(saved)
+        return await self._run(import_browser_conversations, found, rejected=rejected, owner=owner,
+                               max_bytes=self.max_bytes)
+
+    async def size(self) -> DatabaseSize:
+        return await self._run(database_size)
+
+    async def vacuum(self, *, full: bool = False) -> VacuumResult:
+        return await self._run(vacuum, full=full)
+
+
+async def vacuum_periodically(store: ConversationStore, every_s: float) -> None:
+    """Run as a background task (cleanup_ctx): an incremental vacuum every `every_s` seconds, the first one full."""
+    log = logging.getLogger("offgridd.history")
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            result = await store.vacuum()
+        except Exception as e:  # a failed vacuum leaves the database as it was; the next one may succeed
+            log.warning("vacuum of offgridd.db failed: %s", e)
+            continue
+        log.info("vacuumed offgridd.db (%s): %d bytes freed in %.2f s", result.mode,
+                 result.before.on_card - result.after.on_card, result.seconds)
