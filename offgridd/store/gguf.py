@@ -2,6 +2,10 @@
 
 Every count and length read from the file is checked against a bound before anything is allocated, so a hostile
 header costs a clear error, never memory. Tensor extents are checked against the file size, which catches truncation.
+What llama.cpp's own reader (ggml/src/gguf.cpp) refuses is refused here too: nested arrays, empty or duplicate keys,
+a general.alignment that is not a uint32 power of two, tensor names of 64 bytes or more. Only string values short
+enough to matter are kept; longer ones (a chat template, a licence text) are skipped by seeking, so validating a file
+holds well under a megabyte whatever it claims. Any malformed header raises GgufError with the reason, nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ MAX_KV = 1 << 16
 MAX_STRING = 16 << 20  # a chat template or a merges entry, never more
 MAX_ARRAY = 1 << 24  # a vocabulary is a few hundred thousand entries
 MAX_DIMS = 4
+MAX_KEY = 256  # real keys are under 64 bytes; bounds what the duplicate check holds (65,536 keys at most)
+MAX_KEPT_STRING = 4096  # longer values are skipped, not read: only short ones (architecture, name) are used
+MAX_TENSOR_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses a name this long
+MAX_ARRAY_DEPTH = 1  # llama.cpp refuses arrays of arrays; Python would hit its recursion limit on deep ones
 
 # value types: id -> struct format (None for string/array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -50,6 +58,19 @@ class GgufError(ValueError):
     """The file is not a GGUF model llama.cpp could load; the message says why."""
 
 
+@dataclass(frozen=True, slots=True)
+class _LongString:
+    """A string value skipped without reading it: its type is known, its text is not kept."""
+
+    length: int
+
+
+_UINT32 = 4
+_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
+               8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+_INTEGERS = {0, 1, 2, 3, 4, 5, 10, 11}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GgufInfo:
     version: int
@@ -76,37 +97,49 @@ class _Reader:
     def unpack(self, fmt: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
-    def string(self) -> str:
+    def length(self, limit: int, what: str) -> int:
         n = self.unpack("<Q")
-        if n > MAX_STRING or n > self.size:
-            raise GgufError(f"string length {n} is out of bounds")
+        if n > limit:
+            raise GgufError(f"{what} of {n} bytes is out of bounds (at most {limit})")
+        if self.f.tell() + n > self.size:
+            raise GgufError(f"truncated header: a {what} of {n} bytes runs past the end of the file")
+        return n
+
+    def text(self, n: int) -> str:
         try:
             return self.take(n).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise GgufError(f"string is not UTF-8 at offset {self.f.tell() - n}") from e
+        except UnicodeDecodeError:
+            raise GgufError(f"string is not UTF-8 at offset {self.f.tell() - n}") from None
 
-    def value(self, vtype: int, keep: bool):
+    def string(self, limit: int = MAX_STRING, what: str = "string") -> str:
+        return self.text(self.length(limit, what))
+
+    def value(self, vtype: int, depth: int = 0):
+        """A metadata value: scalars and short strings as read, long strings as _LongString, arrays skipped (None)."""
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
-            return self.string()
+            n = self.length(MAX_STRING, "string")
+            if n <= MAX_KEPT_STRING:
+                return self.text(n)
+            self.skip(n)
+            return _LongString(n)
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GgufError("arrays of arrays are not allowed (llama.cpp refuses them)")
             itype, count = self.unpack("<I"), self.unpack("<Q")
             if count > MAX_ARRAY:
                 raise GgufError(f"array of {count} items is out of bounds")
-            if itype in _SCALARS and not keep:  # skip fixed-size arrays without decoding them
-                width = struct.calcsize(_SCALARS[itype])
-                self.skip(width * count)
-                return None
-            if itype == _STRING and not keep:
+            if itype in _SCALARS:  # skip fixed-size arrays without decoding them
+                self.skip(struct.calcsize(_SCALARS[itype]) * count)
+            elif itype == _STRING:
+                if count * 8 > self.size - self.f.tell():
+                    raise GgufError(f"truncated header: an array of {count} strings runs past the end of the file")
                 for _ in range(count):
-                    n = self.unpack("<Q")
-                    if n > MAX_STRING:
-                        raise GgufError(f"string length {n} is out of bounds")
-                    self.skip(n)
-                return None
-            items = [self.value(itype, keep) for _ in range(count)]
-            return items if keep else None
+                    self.skip(self.length(MAX_STRING, "string"))
+            else:
+                self.value(itype, depth + 1)  # raises: an unknown type, or an array of arrays
+            return None
         raise GgufError(f"unknown metadata value type {vtype}")
 
     def skip(self, n: int) -> None:
@@ -116,26 +149,49 @@ class _Reader:
 
 
 def read_gguf_info(path: Path) -> GgufInfo:
-    """Parse and bound-check a GGUF file's header, metadata and tensor table."""
+    """Parse and bound-check a GGUF file's header, metadata and tensor table; GgufError says what is wrong."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         f.seek(0)
-        r = _Reader(f, size)
-        if r.f.read(4) != MAGIC:
-            raise GgufError("not a GGUF file: bad magic (expected 'GGUF')")
-        version = r.unpack("<I")
-        if version not in SUPPORTED_VERSIONS:
-            raise GgufError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-        if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
-            raise GgufError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
-        meta: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = r.unpack("<I")
-            meta[key] = r.value(vtype, keep=vtype != _ARRAY)
-        tensors_end = _check_tensors(r, n_tensors, int(meta.get("general.alignment", 32) or 32))
-    return _info(meta, version, n_tensors, tensors_end)
+        try:
+            return _read(_Reader(f, size))
+        except GgufError:
+            raise
+        except (ValueError, struct.error, OverflowError, RecursionError) as e:  # a case the checks above missed
+            raise GgufError(f"unreadable header: {type(e).__name__}: {e}") from None
+
+
+def _read(r: _Reader) -> GgufInfo:
+    if r.f.read(4) != MAGIC:
+        raise GgufError("not a GGUF file: bad magic (expected 'GGUF')")
+    version = r.unpack("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise GgufError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise GgufError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
+    meta: dict[str, object] = {}
+    types: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = r.string(MAX_KEY, "metadata key")
+        if not key:
+            raise GgufError("empty metadata key")
+        if key in types:
+            raise GgufError(f"duplicate metadata key {key!r}")
+        types[key] = vtype = r.unpack("<I")
+        meta[key] = r.value(vtype)
+    alignment = _typed(meta, types, "general.alignment", {_UINT32}, "uint32")
+    tensors_end = _check_tensors(r, n_tensors, 32 if alignment is None else alignment)
+    return _info(meta, types, version, n_tensors, tensors_end)
+
+
+def _typed(meta: dict, types: dict, key: str, allowed: set[int], what: str):
+    """A known key's value, None when absent; GgufError when the file gives it another type."""
+    if key not in types:
+        return None
+    if types[key] not in allowed:
+        raise GgufError(f"{key} is a {_TYPE_NAMES.get(types[key], types[key])}; it must be {what}")
+    return meta[key]
 
 
 def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> int:
@@ -143,7 +199,10 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> int:
         raise GgufError(f"general.alignment {alignment} is not a power of two")
     end = 0
     for _ in range(n_tensors):
-        name = r.string()
+        n = r.unpack("<Q")
+        if n >= MAX_TENSOR_NAME:
+            raise GgufError(f"tensor name of {n} bytes is too long (llama.cpp takes at most {MAX_TENSOR_NAME - 1})")
+        name = r.text(n)
         n_dims = r.unpack("<I")
         if n_dims > MAX_DIMS:
             raise GgufError(f"tensor {name!r} has {n_dims} dimensions")
@@ -161,19 +220,23 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> int:
     return end
 
 
-def _info(meta: dict[str, object], version: int, n_tensors: int, data_bytes: int) -> GgufInfo:
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
+def _info(meta: dict[str, object], types: dict[str, int], version: int, n_tensors: int,
+          data_bytes: int) -> GgufInfo:
+    arch = _typed(meta, types, "general.architecture", {_STRING}, "a string")
+    if arch is None or arch == "":
         raise GgufError("metadata lacks general.architecture")
+    if isinstance(arch, _LongString):
+        raise GgufError(f"general.architecture is {arch.length} bytes long")
     if not n_tensors:
         raise GgufError("the file holds no tensors")
-    ctx = meta.get(f"{arch}.context_length")
-    if not isinstance(ctx, int) or ctx <= 0:
+    ctx = _typed(meta, types, f"{arch}.context_length", _INTEGERS, "an integer")
+    if ctx is None or ctx <= 0:
         raise GgufError(f"metadata lacks {arch}.context_length")
-    ftype = meta.get("general.file_type")
-    quant = FILE_TYPES.get(ftype, f"unknown-{ftype}") if isinstance(ftype, int) else "unknown"
-    hparams = {k: v for k in _KEPT if isinstance(v := meta.get(f"{arch}.{k}"), int)}
-    name = meta.get("general.name")
+    ftype = _typed(meta, types, "general.file_type", _INTEGERS, "an integer")
+    quant = "unknown" if ftype is None else FILE_TYPES.get(ftype, f"unknown-{ftype}")
+    hparams = {k: meta[f"{arch}.{k}"] for k in _KEPT if types.get(f"{arch}.{k}") in _INTEGERS}
+    name = _typed(meta, types, "general.name", {_STRING}, "a string")
+    template = _typed(meta, types, "tokenizer.chat_template", {_STRING}, "a string")
     return GgufInfo(
         version=version,
         tensor_count=n_tensors,
@@ -181,7 +244,7 @@ def _info(meta: dict[str, object], version: int, n_tensors: int, data_bytes: int
         name=name if isinstance(name, str) else None,
         quantization=quant,
         context_length=ctx,
-        has_chat_template=isinstance(meta.get("tokenizer.chat_template"), str),
+        has_chat_template=template is not None,
         hyperparameters=hparams,
         data_bytes=data_bytes,
     )

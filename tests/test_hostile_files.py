@@ -1,0 +1,117 @@
+"""Hostile files on a stick or from a peer cost one job with a reason, never a dead task or a stick left half-read."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from gguf_factory import _string
+
+from offgridd.store import GgufError, read_gguf_info
+
+ARRAY, STRING, UINT32 = 9, 8, 4
+
+
+def header(*kvs: bytes, tensors: int = 0) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kvs)) + b"".join(kvs)
+
+
+def kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _string(key) + struct.pack("<I", vtype) + payload
+
+
+def usable(*extra: bytes, alignment: bytes | None = None, elements: int = 64) -> bytes:
+    """A valid file (two F32 tensors) whose metadata also holds `extra`, ahead of the keys the validator needs."""
+    given = {e[8:8 + struct.unpack_from("<Q", e)[0]] for e in extra}
+    base = {b"general.architecture": kv("general.architecture", STRING, _string("llama")),
+            b"llama.context_length": kv("llama.context_length", UINT32, struct.pack("<I", 4096)),
+            b"general.file_type": kv("general.file_type", UINT32, struct.pack("<I", 15))}
+    kvs = [*extra, *(v for k, v in base.items() if k not in given)]
+    if alignment is not None:
+        kvs.append(alignment)
+    out = header(*kvs, tensors=2)
+    for i in range(2):
+        out += _string(f"t{i}") + struct.pack("<IQIQ", 1, elements, 0, i * elements * 4)
+    out += b"\0" * (-len(out) % 32)
+    return out + b"\0" * (8 * elements)
+
+
+def nested_arrays(depth: int) -> bytes:
+    """An array of an array of ... of one uint32, `depth` arrays deep."""
+    return struct.pack("<IQ", ARRAY, 1) * (depth - 1) + struct.pack("<IQ", UINT32, 1) + struct.pack("<I", 7)
+
+
+def read(tmp_path: Path, data: bytes):
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(data)
+    return read_gguf_info(path)
+
+
+@pytest.mark.parametrize("kvs, reason", [
+    ([kv("general.alignment", STRING, _string("32"))], "general.alignment .*uint32"),
+    ([kv("general.alignment", STRING, _string("thirty-two"))], "general.alignment .*uint32"),
+    ([kv("general.alignment", UINT32, struct.pack("<I", 0))], "general.alignment 0 is not a power of two"),
+    ([kv("general.architecture", UINT32, struct.pack("<I", 5))], "general.architecture .*string"),
+    ([kv("general.file_type", STRING, _string("Q4_K_M"))], "general.file_type .*integer"),
+    ([kv("llama.context_length", STRING, _string("4096"))], "llama.context_length .*integer"),
+    ([kv("tokenizer.chat_template", UINT32, struct.pack("<I", 1))], "tokenizer.chat_template .*string"),
+    ([kv("deep", ARRAY, nested_arrays(2))], "arrays of arrays"),
+    ([kv("deep", ARRAY, nested_arrays(5000))], "arrays of arrays"),
+    ([kv("", UINT32, struct.pack("<I", 1))], "empty metadata key"),
+    ([kv("k" * 300, UINT32, struct.pack("<I", 1))], "key of 300 bytes"),
+    ([kv("dup", UINT32, struct.pack("<I", 1)), kv("dup", UINT32, struct.pack("<I", 2))], "duplicate metadata key"),
+])
+def test_mistyped_nested_or_odd_metadata_is_refused_with_a_gguf_error_naming_it(tmp_path, kvs, reason):
+    with pytest.raises(GgufError, match=reason):
+        read(tmp_path, usable(*kvs))
+
+
+def test_recursion_deeper_than_python_allows_is_a_gguf_error_not_a_recursion_error(tmp_path):
+    with pytest.raises(GgufError):
+        read(tmp_path, header(kv("deep", ARRAY, nested_arrays(100_000))))
+
+
+def test_a_long_tensor_name_is_refused_as_llama_cpp_would(tmp_path):
+    data = header(kv("general.architecture", STRING, _string("llama")), tensors=1)
+    data += _string("t" * 64) + struct.pack("<IQIQ", 1, 4, 0, 0)
+    data += bytes(-len(data) % 32 + 16)
+    with pytest.raises(GgufError, match="tensor name of 64 bytes"):
+        read(tmp_path, data)
+
+
+def test_a_valid_file_with_long_strings_and_a_uint32_alignment_still_reads(tmp_path):
+    info = read(tmp_path, usable(kv("tokenizer.chat_template", STRING, _string("{{ m }}" * 20_000)),
+                                 kv("general.description", STRING, _string("é" * 50_000)),
+                                 alignment=kv("general.alignment", UINT32, struct.pack("<I", 32))))
+    assert info.architecture == "llama" and info.has_chat_template and info.context_length == 4096
+
+
+def sparse_gguf(path: Path, strings: list[int]) -> Path:
+    """A GGUF whose metadata holds string values of these lengths, written sparse so the disk holds none of them."""
+    with open(path, "wb") as f:
+        f.write(header(kv("general.architecture", STRING, _string("llama")),
+                       kv("llama.context_length", UINT32, struct.pack("<I", 4096)))[:16])
+        f.write(struct.pack("<Q", 2 + len(strings)))
+        f.write(kv("general.architecture", STRING, _string("llama")))
+        f.write(kv("llama.context_length", UINT32, struct.pack("<I", 4096)))
+        for i, n in enumerate(strings):
+            f.write(kv(f"junk.{i}", STRING, struct.pack("<Q", n)))
+            f.seek(n, 1)
+        f.truncate()
+    return path
+
+
+@pytest.mark.parametrize("strings, refused", [([200 << 20], True), ([15 << 20] * 14, False)])
+def test_huge_string_values_are_skipped_or_refused_without_being_read_into_memory(tmp_path, strings, refused):
+    path = sparse_gguf(tmp_path / "huge.gguf", strings)
+    assert path.stat().st_size > 200 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(GgufError, match="out of bounds" if refused else "no tensors"):
+            read_gguf_info(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"validating held {peak} bytes"
