@@ -7,9 +7,14 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from gguf_factory import _string
+from gguf_factory import _string, gguf_bytes
+from usb_images import entry, ext4_stick, put, write_manifest
 
-from offgridd.store import GgufError, read_gguf_info
+from offgridd.db import Database
+from offgridd.events import EventBus
+from offgridd.jobs import JobBoard
+from offgridd.store import GgufError, ModelStore, read_gguf_info
+from offgridd.usb import import_stick
 
 ARRAY, STRING, UINT32 = 9, 8, 4
 
@@ -115,3 +120,75 @@ def test_huge_string_values_are_skipped_or_refused_without_being_read_into_memor
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"validating held {peak} bytes"
+
+
+# --- a stick: one bad file costs one failed job, and the rest of the stick is still imported ---
+
+HOSTILE = usable(kv("general.alignment", STRING, _string("thirty-two")))
+
+
+class Box:
+    """An offgridd box's store and job board, without the daemon."""
+
+    def __init__(self, state: Path):
+        self.store = ModelStore(state / "models")
+        self.db = Database(state / "offgridd.db")
+        self.jobs = JobBoard(self.db, EventBus())
+
+    def jobs_by_model(self) -> dict[str, dict]:
+        return {r["model"]: r for r in self.db.run_sync(lambda db: list(db["jobs"].rows_where()))}
+
+
+@pytest.fixture
+def box(tmp_path):
+    b = Box(tmp_path / "box")
+    yield b
+    b.db.close()
+
+
+def three_model_stick(src: Path, bad: bytes) -> Path:
+    put(src, "OFFGRID/first.gguf", GOOD)
+    put(src, "OFFGRID/bad.gguf", bad)
+    put(src, "OFFGRID/last.gguf", LAST)
+    write_manifest(src, [entry("first", "OFFGRID/first.gguf", GOOD), entry("bad", "OFFGRID/bad.gguf", bad),
+                         entry("last", "OFFGRID/last.gguf", LAST)])
+    return src
+
+
+GOOD = gguf_bytes(arch="llama", tensors=2, elements=512)
+LAST = gguf_bytes(arch="qwen2", tensors=2, elements=256)
+
+
+def test_a_stick_with_a_mistyped_gguf_header_fails_that_job_with_the_reason_and_imports_the_rest(box, tmp_path):
+    with ext4_stick(three_model_stick(tmp_path / "src", HOSTILE), tmp_path / "img") as root:
+        report = import_stick(root, store=box.store, jobs=box.jobs)
+    assert [(r.name, r.state) for r in report.results] == [("first", "done"), ("bad", "failed"), ("last", "done")]
+    assert "general.alignment is a string; it must be uint32" in report.results[1].reason
+    jobs = box.jobs_by_model()
+    assert jobs["bad"]["state"] == "failed" and "general.alignment" in jobs["bad"]["reason"]
+    assert box.jobs.running() == []
+    assert sorted(m.name for m in box.store.list()) == ["first", "last"]
+    assert list(box.store.staging.iterdir()) == []
+
+
+def test_any_unexpected_error_importing_one_model_fails_its_job_and_the_stick_goes_on(box, tmp_path, monkeypatch):
+    from offgridd.store import store as store_module
+
+    real = store_module.read_gguf_info
+
+    def validator_with_a_bug(path):
+        if path.stat().st_size == len(HOSTILE):
+            raise RecursionError("maximum recursion depth exceeded")  # as the validator once did
+        return real(path)
+
+    monkeypatch.setattr(store_module, "read_gguf_info", validator_with_a_bug)
+    with ext4_stick(three_model_stick(tmp_path / "src", HOSTILE), tmp_path / "img") as root:
+        report = import_stick(root, store=box.store, jobs=box.jobs)
+    assert [(r.name, r.state) for r in report.results] == [("first", "done"), ("bad", "failed"), ("last", "done")]
+    reason = report.results[1].reason
+    assert "RecursionError" in reason and "nothing was imported" in reason
+    jobs = box.jobs_by_model()
+    assert jobs["bad"]["state"] == "failed" and jobs["bad"]["reason"] == reason
+    assert box.jobs.running() == []
+    assert sorted(m.name for m in box.store.list()) == ["first", "last"]
+    assert list(box.store.staging.iterdir()) == [], "a partial file was left in .staging"

@@ -115,6 +115,9 @@ def import_model(stick: Stick, model: StickModel, *, store: ModelStore, jobs: Jo
     if f is not None:
         try:
             result.state, result.reason = _import_open(model, f, size, store, jobs, job, cancel)
+        except Exception as e:  # a file that trips a bug costs its own job, never the rest of the stick
+            log.exception("usb import of %s from %s failed unexpectedly", model.name, source)
+            result.state, result.reason = "failed", f"{type(e).__name__}: {e}; nothing was imported"
         finally:
             with contextlib.suppress(OSError):  # a stick pulled mid-copy fails its close too
                 f.close()
@@ -163,8 +166,11 @@ def import_stick(root: Path, *, store: ModelStore, jobs: JobBoard, allow_unverif
     store.open()
     try:
         stick = read_stick(Path(root), allow_unverified=allow_unverified)
-    except StickError as e:
-        report.refused = f"stick refused: {e}; nothing was imported"
+    except Exception as e:  # StickError says why; anything else is a bug a hostile stick found, refused the same way
+        why = str(e) if isinstance(e, StickError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, StickError):
+            log.exception("reading the stick at %s failed unexpectedly", root)
+        report.refused = f"stick refused: {why}; nothing was imported"
         job = jobs.start(KIND, f"usb:{root}")
         jobs.finish(job, "failed", report.refused)
         log.warning("usb import from %s: %s", root, report.refused, extra={"SOURCE": f"usb:{root}", "JOB": job.id})
