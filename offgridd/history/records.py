@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,6 +97,13 @@ def owner_clause(owner: Owner, column: str = "owner") -> tuple[str, list]:
     if owner is not None and not isinstance(owner, str):
         raise TypeError(f"owner must be a key name, None or EVERYONE, not {owner!r}")
     return f"{column} IS ?", [owner]
+
+
+def scope_token(owner: str | None) -> str:
+    """The one FTS5 token standing for an owner in the messages index: digits after "k", which no tokenizer splits."""
+    if owner is None:
+        return "k"
+    return "k" + str(int.from_bytes(hashlib.sha256(owner.encode("utf-8", "surrogatepass")).digest()[:8], "big"))
 
 
 def clean_title(title: str) -> str:

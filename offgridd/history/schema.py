@@ -18,8 +18,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         pk="n", not_null={"id", "title", "created", "updated", "model", "source"}, if_not_exists=True)
     db["messages"].create(
         {"id": int, "conversation_id": str, "role": str, "content": str, "created": float, "model": str,
-         "prompt_tokens": int, "completion_tokens": int, "finish_reason": str},
-        pk="id", not_null={"conversation_id", "role", "content", "created", "model"}, if_not_exists=True)
+         "prompt_tokens": int, "completion_tokens": int, "finish_reason": str, "scope": str},
+        pk="id", not_null={"conversation_id", "role", "content", "created", "model", "scope"}, if_not_exists=True)
     db.executescript("""
         CREATE UNIQUE INDEX IF NOT EXISTS conversations_id ON conversations(id);
         CREATE INDEX IF NOT EXISTS conversations_owner_updated ON conversations(owner, updated DESC);
@@ -28,5 +28,10 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, id);
     """)
     # Triggers keep each index in step with its table inside the writing transaction: a crash loses both or neither.
-    db["conversations"].enable_fts(["title"], create_triggers=True, tokenize=TOKENIZE)
-    db["messages"].enable_fts(["content"], create_triggers=True, tokenize=TOKENIZE)
+    # replace=True: an index already as wanted is left alone; one made differently (another tokenizer) is rebuilt.
+    db["conversations"].enable_fts(["title"], create_triggers=True, tokenize=TOKENIZE, replace=True)
+    # The owner's scope token is indexed beside the content so that a search within one key's history is an
+    # intersection inside FTS5 rather than a join per matching row (3 µs each: 250 ms for a common word); it weighs
+    # nothing in the ranking.
+    db["messages"].enable_fts(["content", "scope"], create_triggers=True, tokenize=TOKENIZE, replace=True)
+    db.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES('rank', 'bm25(1.0, 0.0)')")

@@ -33,6 +33,7 @@ from .records import (
     check_message,
     clean_title,
     owner_clause,
+    scope_token,
 )
 from .schema import ensure_schema
 from .search import SearchHit, search
@@ -81,16 +82,16 @@ def append_message(db: sqlite_utils.Database, conversation_id: str, *, owner: Ow
                    model: str = "", prompt_tokens: int | None = None, completion_tokens: int | None = None,
                    finish_reason: str | None = None, max_bytes: int = 0) -> Message:
     check_message(role, content)
-    _find(db, conversation_id, owner)
+    conversation = _find(db, conversation_id, owner)
     check_room(db, max_bytes, len(content.encode("utf-8", "surrogatepass")))
     now = time.time()
     row = {"conversation_id": conversation_id, "role": role, "content": content, "created": now,
            "model": model or "", "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-           "finish_reason": finish_reason}
+           "finish_reason": finish_reason, "scope": scope_token(conversation.owner)}
     with db.conn:  # the message and the conversation's activity time in one transaction
         message_id = db["messages"].insert(row).last_pk
         db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
-    return Message(id=message_id, **row)
+    return Message(id=message_id, **{k: v for k, v in row.items() if k != "scope"})
 
 
 def list_conversations(db: sqlite_utils.Database, *, owner: Owner, limit: int = 50,
@@ -155,7 +156,7 @@ def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserC
                 "conversation_id": conversation_id, "role": m.role, "content": m.content,
                 "created": conversation.created, "model": conversation.model if m.role == "assistant" else "",
                 "prompt_tokens": None, "completion_tokens": m.completion_tokens, "finish_reason": None,
-            } for m in conversation.messages), batch_size=200)
+                "scope": scope_token(owner)} for m in conversation.messages), batch_size=200)
         imported[conversation.client_id] = conversation_id
     return ImportReport(imported=imported, already=already, rejected=tuple(rejected))
 

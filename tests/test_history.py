@@ -1,0 +1,440 @@
+"""Conversation history on the box: real sqlite files through the daemon's database thread, and a real writer killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offgridd.db import Database
+from offgridd.history import (
+    EVERYONE,
+    ConversationNotFound,
+    ConversationStore,
+    HistoryFull,
+    InvalidHistory,
+    filename,
+    fts_query,
+    parse_browser_storage,
+    to_json,
+    to_markdown,
+)
+from offgridd.history.schema import ensure_schema
+from offgridd.history.search import search
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def database(tmp_path):
+    db = Database(tmp_path / "offgridd.db")
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def store(database):
+    return ConversationStore(database)
+
+
+def check_fts_agrees(path: Path) -> None:
+    """The database is whole and both full-text indexes match their tables row for row."""
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        for fts in ("messages_fts", "conversations_fts"):
+            conn.execute(f"INSERT INTO {fts}({fts}) VALUES('integrity-check')")  # raises if the index drifted
+    finally:
+        conn.close()
+
+
+async def pump_conversation(store, owner="alice"):
+    c = await store.create(owner=owner, title="Fixing the water pump", model="gemma3-270m")
+    await store.append(c.id, owner=owner, role="user", content="How do I install the water pump by the well?")
+    await store.append(c.id, owner=owner, role="assistant", content="Installing it: close the valve, then prime it.",
+                       model="gemma3-270m", prompt_tokens=12, completion_tokens=9, finish_reason="stop")
+    return c
+
+
+async def test_a_conversation_is_kept_read_renamed_and_deleted_with_its_messages(store, database):
+    c = await pump_conversation(store)
+    assert c.source == "ui" and c.owner == "alice" and len(c.id) == 32
+
+    transcript = await store.get(c.id, owner="alice")
+    assert [m.role for m in transcript.messages] == ["user", "assistant"]
+    answer = transcript.messages[1]
+    assert (answer.model, answer.prompt_tokens, answer.completion_tokens, answer.finish_reason) == (
+        "gemma3-270m", 12, 9, "stop")
+    assert transcript.conversation.message_count == 2
+    assert transcript.conversation.updated >= answer.created >= c.created
+
+    renamed = await store.rename(c.id, "  Pump,\n primed  ", owner="alice")
+    assert renamed.title == "Pump, primed"
+    with pytest.raises(InvalidHistory, match="visible character"):
+        await store.rename(c.id, " \n ", owner="alice")
+    with pytest.raises(InvalidHistory, match="role"):
+        await store.append(c.id, owner="alice", role="wizard", content="hi")
+
+    assert await store.delete(c.id, owner="alice") == 2
+    with pytest.raises(ConversationNotFound):
+        await store.get(c.id, owner="alice")
+    assert await database.run(lambda db: db["messages"].count) == 0
+    check_fts_agrees(database.path)
+
+
+async def test_the_list_is_newest_activity_first_and_paged(store):
+    made = [await store.create(owner=None, title=f"talk {i}") for i in range(7)]
+    await store.append(made[2].id, owner=None, role="user", content="bumped to the top")
+    first = await store.list(owner=None, limit=3)
+    assert [c.title for c in first.conversations] == ["talk 2", "talk 6", "talk 5"]
+    assert (first.total, first.next_offset) == (7, 3)
+    second = await store.list(owner=None, limit=3, offset=first.next_offset)
+    third = await store.list(owner=None, limit=3, offset=second.next_offset)
+    assert [c.title for c in second.conversations + third.conversations] == ["talk 4", "talk 3", "talk 1", "talk 0"]
+    assert third.next_offset is None
+    assert first.conversations[0].message_count == 1
+    assert json.loads(json.dumps(first.to_dict()))["total"] == 7
+
+
+async def test_each_key_sees_only_its_own_conversations_and_the_admin_sees_all(store):
+    alice = await pump_conversation(store, "alice")
+    bob = await pump_conversation(store, "bob")
+    nobody = await pump_conversation(store, None)
+
+    assert [c.id for c in (await store.list(owner="alice")).conversations] == [alice.id]
+    assert [c.id for c in (await store.list(owner=None)).conversations] == [nobody.id]
+    assert {c.id for c in (await store.list(owner=EVERYONE)).conversations} == {alice.id, bob.id, nobody.id}
+    for act in (lambda: store.get(alice.id, owner="bob"), lambda: store.rename(alice.id, "mine", owner="bob"),
+                lambda: store.delete(alice.id, owner=None),
+                lambda: store.append(alice.id, owner="bob", role="user", content="hi")):
+        with pytest.raises(ConversationNotFound, match="under this key"):
+            await act()
+    assert {h.conversation_id for h in await store.search("pump", owner="bob")} == {bob.id}
+    assert {h.conversation_id for h in await store.search("pump", owner=None)} == {nobody.id}
+    assert {h.conversation_id for h in await store.search("pump", owner=EVERYONE)} == {alice.id, bob.id, nobody.id}
+    with pytest.raises(InvalidHistory):
+        await store.create(owner=EVERYONE)
+
+
+async def test_search_ranks_messages_and_titles_with_highlighted_snippets(store):
+    c = await pump_conversation(store)
+    other = await store.create(owner="alice", title="Radio net schedule")
+    await store.append(other.id, owner="alice", role="user", content="The pump is mentioned once, " + "filler " * 60)
+
+    hits = await store.search("install", owner="alice")
+    assert {(h.conversation_id, h.role) for h in hits} == {(c.id, "user"), (c.id, "assistant")}  # stemmed: Installing
+    question = next(h for h in hits if h.role == "user")
+    assert question.snippet_text() == "How do I [install] the water pump by the well?"
+    assert ("install", True) in question.snippet
+
+    pump = await store.search("pump", owner="alice")
+    assert pump[0].message_id is None and pump[0].title == "Fixing the water pump"  # a short title ranks first
+    assert pump[0].snippet_text("<b>", "</b>") == "Fixing the water <b>pump</b>"
+    assert pump[-1].conversation_id == other.id  # once in a long message ranks last
+    assert "…" in pump[-1].snippet_text()
+    assert [h.conversation_id for h in await store.search("water well", owner="alice")] == [c.id]  # all words
+    assert await store.search("water radio", owner="alice") == ()
+    assert [h.conversation_id for h in await store.search("CAFÉ", owner="alice")] == []
+    await store.append(other.id, owner="alice", role="user", content="Meet at the café")
+    assert len(await store.search("cafe", owner="alice")) == 1
+    assert len(await store.search("pump", owner="alice", limit=2)) == 2
+    hit = json.loads(json.dumps((await store.search("install", owner="alice"))[0].to_dict()))
+    assert hit["snippet"][0] == {"text": "Installing", "match": True}
+
+
+async def test_the_index_stays_in_step_after_renames_and_deletes(store, database):
+    c = await pump_conversation(store)
+    keep = await store.create(owner="alice", title="Seeds to plant")
+    await store.append(keep.id, owner="alice", role="user", content="Which seeds before the rain?")
+
+    await store.rename(c.id, "Radio repair", owner="alice")
+    assert [h.title for h in await store.search("radio", owner="alice")] == ["Radio repair"]
+    assert all(h.message_id is not None for h in await store.search("pump", owner="alice"))  # the old title is gone
+
+    await store.delete(c.id, owner="alice")
+    assert await store.search("pump", owner="alice") == ()
+    assert await store.search("radio", owner="alice") == ()
+    assert len(await store.search("seeds", owner="alice")) == 2
+    check_fts_agrees(database.path)
+
+
+HOSTILE = ['"', '""', '"pump', 'pump"', "(pump", "pump)", "((", "NEAR(pump water)", "pump NEAR water", "*", "pump*",
+           "^pump", "title:pump", "content:pump", "AND", "OR pump", "NOT pump", "-pump", "+pump", "", "   ", "!!!",
+           "...", "'", "' OR 1=1 --", 'pump" OR "1"="1', "\x00", "pump\x00", "{pump water}", "pump:*", "_", "__init__",
+           "a" * 10_000, "pump " * 100, "\u200b", "🔧", "pump🔧"]
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+async def test_whatever_a_person_types_is_searched_as_text_and_never_fails(store, query):
+    await pump_conversation(store)
+    hits = await store.search(query, owner="alice")
+    assert isinstance(hits, tuple)
+    if not any(ch.isalnum() for ch in query):
+        assert hits == ()
+    words = query.split()
+    if words and all(w.strip('"()*^+-:{}\x00🔧') == "pump" for w in words):
+        assert hits, "a query naming only the word pump finds the pump"
+
+
+def test_a_query_becomes_quoted_words_and_one_without_words_none():
+    assert fts_query('pump "water" NEAR(x') == '"pump" """water""" "NEAR(x"'
+    assert fts_query("*** ((( \" '") is None
+    assert fts_query("") is None
+    assert fts_query(None) is None  # type: ignore[arg-type]
+    assert fts_query(" ".join(f"w{i}" for i in range(40))).count('"') == 32  # at most 16 words
+
+
+def _memory_db() -> sqlite_utils.Database:
+    db = sqlite_utils.Database(memory=True)
+    ensure_schema(db)
+    db["conversations"].insert({"id": "c", "title": "pump notes", "created": 0, "updated": 0, "owner": None,
+                                "model": "", "source": "ui"})
+    db["messages"].insert({"conversation_id": "c", "role": "user", "content": "the pump near the well", "created": 0,
+                           "model": "", "scope": "k"})
+    return db
+
+
+_FUZZ_DB = _memory_db()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=200) | st.lists(st.sampled_from(
+    ['"', "(", ")", "*", "NEAR", "AND", "OR", "NOT", "pump", ":", "^", "+", "-", "{", "}", " ", "\x00"]),
+    max_size=12).map("".join))
+def test_fuzzed_queries_never_raise(query):
+    assert isinstance(search(_FUZZ_DB, query, owner=None), tuple)
+
+
+async def test_export_writes_json_a_program_reads_back_and_markdown_a_person_reads(store):
+    c = await pump_conversation(store)
+    await store.rename(c.id, "Pump / well: notes?", owner="alice")
+    transcript = await store.get(c.id, owner="alice")
+
+    data = json.loads(json.dumps(to_json(transcript)))
+    assert (data["format"], data["version"], data["title"], data["owner"]) == (
+        "offgridd.conversation", 1, "Pump / well: notes?", "alice")
+    assert [m["content"] for m in data["messages"]] == [m.content for m in transcript.messages]
+    assert data["messages"][1]["completion_tokens"] == 9
+
+    md = to_markdown(transcript)
+    assert md.startswith("# Pump / well: notes?\n\n_started ")
+    assert "model gemma3-270m · 2 messages_" in md
+    assert "## You\n\nHow do I install the water pump by the well?\n\n## Model (gemma3-270m)\n\nInstalling it" in md
+    assert filename(transcript, "md") == f"Pump-well-notes-{c.id[:8]}.md"
+
+
+def browser_storage() -> list:
+    """What app.js keeps under localStorage "offgrid.conversations", newest first."""
+    made = 1764400000000  # ms, as Date.now() gave it
+    return [
+        {"id": "lq2x3abc", "title": "New conversation", "model": "", "messages": []},
+        {"id": f"{int(made / 1000 * 1000):x}", "title": "bad id base", "model": "", "messages": "nope"},
+        {"id": _base36(made) + "k3f9", "title": "What is a base model", "model": "gemma3-270m", "messages": [
+            {"role": "user", "content": "What is a base model?"},
+            {"role": "assistant", "content": "A model that continues text.", "stats": "7 tokens · 21.4 tokens/s"},
+            {"role": "user", "content": "And an instruct one?"},
+            {"role": "assistant", "content": "", "stats": "0 tokens · stopped"},
+            {"role": "error", "content": "the daemon went away"},
+        ]},
+        {"id": "../../etc", "title": "x", "messages": [{"role": "user", "content": "x"}]},
+        "not an object",
+        {"id": "dup1", "title": None, "model": 42, "messages": [{"role": "sorcerer", "content": "hi"},
+                                                                 {"role": "user", "content": ["not", "text"]},
+                                                                 {"role": "user", "content": "kept"}]},
+        {"id": "dup1", "title": "again", "messages": [{"role": "user", "content": "twice"}]},
+    ]
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out
+
+
+async def test_what_a_browser_kept_is_imported_once_per_key(store):
+    saved = browser_storage()
+    first = await store.import_browser(saved, owner="alice")
+    base_id = _base36(1764400000000) + "k3f9"
+    assert set(first.imported) == {base_id, "dup1"} and first.already == {}
+    reasons = "\n".join(first.rejected)
+    for expected in ("messages is not an array", "id is not 1-64 letters", "conversation 4: not an object",
+                     "role 'sorcerer'", "content is not text", "'dup1': appears twice"):
+        assert expected in reasons
+
+    t = await store.get(first.imported[base_id], owner="alice")
+    assert t.conversation.title == "What is a base model" and t.conversation.model == "gemma3-270m"
+    assert t.conversation.created == pytest.approx(1764400000.0)  # from the id: Date.now() in base 36
+    assert [m.role for m in t.messages] == ["user", "assistant", "user", "error"]  # the empty stopped answer is not
+    assert t.messages[1].completion_tokens == 7 and t.messages[1].model == "gemma3-270m"
+    odd = await store.get(first.imported["dup1"], owner="alice")
+    assert (odd.conversation.title, odd.conversation.model, [m.content for m in odd.messages]) == (
+        "New conversation", "", ["kept"])
+
+    again = await store.import_browser(json.loads(json.dumps(saved)), owner="alice")
+    assert again.imported == {} and again.already == first.imported
+    assert (await store.list(owner="alice")).total == 2
+    other = await store.import_browser(saved, owner="bob")  # the same browser id under another key is another's
+    assert set(other.imported) == set(first.imported)
+    assert set(other.imported.values()).isdisjoint(first.imported.values())
+    assert [h.role for h in await store.search("instruct", owner="alice")] == ["user"]
+    assert (await store.import_browser({"conversations": saved}, owner=None)).imported.keys() == first.imported.keys()
+    assert (await store.import_browser("garbage", owner=None)).rejected[0].startswith("expected the browser's")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=9),
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+                               st.sampled_from(["id", "title", "model", "messages", "role", "content", "stats",
+                                                "conversations"]) | st.text(max_size=5), inner, max_size=5),
+                           max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_any_json_a_browser_sends_is_parsed_without_raising(saved):
+    found, rejected = parse_browser_storage(saved, now=1.8e9)
+    assert all(c.messages and len(c.client_id) <= 64 for c in found)
+    assert all(isinstance(r, str) for r in rejected)
+
+
+async def test_the_database_is_wal_with_full_sync_so_a_committed_message_survives_a_power_cut(store, database):
+    await store.create(owner=None)
+    modes = await database.run(lambda db: (db.execute("PRAGMA journal_mode").fetchone()[0],
+                                            db.execute("PRAGMA synchronous").fetchone()[0]))
+    assert modes == ("wal", 2)
+
+
+async def test_its_size_is_reported_bounded_and_given_back_by_vacuum(database):
+    store = ConversationStore(database, max_bytes=0)
+    c = await store.create(owner=None, title="big")
+    for i in range(40):
+        await store.append(c.id, owner=None, role="user", content=f"entry {i} " + "lorem ipsum dolor " * 500)
+    size = await store.size()
+    assert size.pages > 100 and size.page_size == 4096 and size.file_bytes + size.wal_bytes > 400_000
+    assert size.to_dict()["used_bytes"] == (size.pages - size.freelist_pages) * 4096
+
+    store.max_bytes = size.used_bytes + 10_000
+    with pytest.raises(HistoryFull, match="delete or export old conversations, or raise db_max_bytes"):
+        await store.append(c.id, owner=None, role="user", content="x" * 20_000)
+    await store.append(c.id, owner=None, role="user", content="a short note still fits")
+    with pytest.raises(HistoryFull):
+        await store.append(c.id, owner=None, role="user", content="y" * 50_000)
+
+    await store.delete(c.id, owner=None)
+    first = await store.vacuum()
+    assert first.mode == "full"  # switches the file to incremental auto-vacuum
+    assert first.after.on_card < first.before.on_card / 4 and first.after.wal_bytes == 0
+    assert await database.run(lambda db: db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+    c = await store.create(owner=None, title="again")
+    for _ in range(20):
+        await store.append(c.id, owner=None, role="user", content="lorem ipsum " * 500)
+    await store.delete(c.id, owner=None)
+    second = await store.vacuum()
+    assert second.mode == "incremental" and second.after.freelist_pages == 0
+    assert second.after.on_card < second.before.on_card
+    assert (await store.vacuum(full=True)).mode == "full"
+    check_fts_agrees(database.path)
+
+
+async def test_an_older_database_gains_the_history_tables_and_keeps_its_jobs(tmp_path):
+    path = tmp_path / "offgridd.db"
+    old = Database(path)
+    old.run_sync(lambda db: db["jobs"].insert({"id": "j1", "kind": "usb-import", "state": "done"}))
+    old.close()
+    db = Database(path)
+    store = ConversationStore(db)
+    await pump_conversation(store)
+    assert await db.run(lambda d: d["jobs"].count) == 1
+    db.close()
+    db = Database(path)  # a second start finds the schema there and changes nothing
+    assert sorted(h.role for h in await ConversationStore(db).search("install", owner="alice")) == ["assistant", "user"]
+    db.close()
+
+
+async def test_history_work_never_blocks_the_event_loop(store, caplog):
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    saved = [{"id": f"c{i}", "title": f"talk {i}", "messages": [{"role": "user", "content": "pump " * 2000}] * 20}
+             for i in range(30)]
+    try:
+        await asyncio.gather(store.import_browser(saved, owner=None), store.search("pump", owner=None),
+                             store.size(), store.vacuum())
+    finally:
+        loop.set_debug(False)
+    assert not [r for r in caplog.records if "Executing" in r.getMessage()]
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from offgridd.db import Database
+    from offgridd.history import ConversationStore
+
+    async def main(path, conversation_id):
+        store = ConversationStore(Database(Path(path)))
+        if conversation_id == "-":
+            conversation_id = (await store.create(owner="field", title="power cut")).id
+        print(conversation_id, flush=True)
+        n = 0
+        while True:
+            await store.append(conversation_id, owner="field", role="user",
+                               content=f"entry{n} marker " + "field notes about the pump " * 400)
+            print(n, flush=True)
+            n += 1
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+def test_a_writer_killed_mid_write_loses_at_most_the_message_it_was_writing(tmp_path):
+    path = tmp_path / "offgridd.db"
+    rng = random.Random(18)
+    conversation = "-"
+    kept = 0
+    for round_ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), conversation], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            conversation = proc.stdout.readline().strip()
+            assert len(conversation) == 32, f"the writer did not start (round {round_})"
+            wanted, acked = rng.randint(5, 40), -1
+            while acked < wanted:
+                acked = int(proc.stdout.readline())
+            time.sleep(rng.random() * 0.004)  # land somewhere inside the next append
+            proc.send_signal(signal.SIGKILL)
+            rest = proc.stdout.read().split()
+            acked = int(rest[-1]) if rest else acked
+        finally:
+            proc.kill()
+            proc.wait()
+        kept += acked + 1
+        check_fts_agrees(path)
+        conn = sqlite3.connect(path)
+        try:
+            rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            indexed = conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'marker'").fetchone()[0]
+            contents = {r[0].split()[0] for r in conn.execute("SELECT content FROM messages")}
+        finally:
+            conn.close()
+        assert kept <= rows <= kept + 1, f"round {round_}: {kept} acknowledged, {rows} in the table"
+        assert indexed == rows
+        assert {f"entry{n}" for n in range(acked + 1)} <= contents
+        kept = rows  # a message committed just before the kill counts as kept for the next round
