@@ -96,6 +96,30 @@ async def test_a_conversation_is_kept_read_renamed_and_deleted_with_its_messages
     check_fts_agrees(database.path)
 
 
+async def test_an_api_client_that_opts_in_keeps_each_exchange_once(store):
+    first = [{"role": "developer", "content": "Answer briefly."},
+             {"role": "user", "content": [{"type": "text", "text": "Where is the nearest well?"},
+                                          {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    c = await store.record_exchange(owner="field-kit", conversation_id=None, request_messages=first,
+                                    answer="Two km north.", model="gemma3-270m", prompt_tokens=20,
+                                    completion_tokens=4, finish_reason="stop")
+    assert (c.source, c.owner, c.title, c.message_count) == ("api", "field-kit", "Where is the nearest well?", 3)
+
+    second = first + [{"role": "assistant", "content": "Two km north."},
+                      {"role": "user", "content": "And water quality?"}, {"role": "wizard", "content": "x"}, "junk"]
+    c = await store.record_exchange(owner="field-kit", conversation_id=c.id, request_messages=second,
+                                    answer="", model="gemma3-270m")  # a stopped answer: only the question is kept
+    t = await store.get(c.id, owner="field-kit")
+    assert [(m.role, m.content) for m in t.messages] == [
+        ("system", "Answer briefly."), ("user", "Where is the nearest well?"), ("assistant", "Two km north."),
+        ("user", "And water quality?")]
+    assert (t.messages[2].model, t.messages[2].completion_tokens, t.messages[2].finish_reason) == (
+        "gemma3-270m", 4, "stop")
+    with pytest.raises(ConversationNotFound):
+        await store.record_exchange(owner="other", conversation_id=c.id, request_messages=second, answer="x")
+    assert [h.conversation_id for h in await store.search("quality", owner="field-kit")] == [c.id]
+
+
 async def test_the_list_is_newest_activity_first_and_paged(store):
     made = [await store.create(owner=None, title=f"talk {i}") for i in range(7)]
     await store.append(made[2].id, owner=None, role="user", content="bumped to the top")

@@ -135,6 +135,59 @@ def delete_conversation(db: sqlite_utils.Database, conversation_id: str, *, owne
     return gone
 
 
+def _text(content: object) -> str:
+    """An OpenAI message's content as text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+    return ""
+
+
+def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversation_id: str | None,
+                    request_messages: list, answer: str, model: str = "", prompt_tokens: int | None = None,
+                    completion_tokens: int | None = None, finish_reason: str | None = None, source: str = "api",
+                    max_bytes: int = 0) -> Conversation:
+    """Keep one chat completion: into a new conversation (all its messages), or an existing one (the new turn only).
+
+    The new turn of a request is its trailing messages after the last assistant one, since a client resends the
+    whole history each time; system messages are kept only in a new conversation. An empty answer is not kept.
+    """
+    turns = [(("system" if m.get("role") == "developer" else m.get("role")), _text(m.get("content")))
+             for m in request_messages if isinstance(m, dict)]
+    turns = [(role, text) for role, text in turns if role in ("system", "user", "assistant", "tool") and text]
+    if conversation_id is not None:
+        conversation = _find(db, conversation_id, owner)
+        last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
+        turns = [(role, text) for role, text in turns[last + 1:] if role != "system"]
+    for role, text in turns:
+        check_message(role, text)
+    check_message("assistant", answer)
+    check_room(db, max_bytes, sum(len(text.encode("utf-8", "surrogatepass")) for _, text in turns) + len(answer))
+    if conversation_id is None:
+        first = next((text for role, text in turns if role == "user"), "")
+        try:
+            title = clean_title(first[:60])
+        except InvalidHistory:
+            title = DEFAULT_TITLE
+        conversation = create_conversation(db, owner=owner, title=title, model=model, source=source)
+    now = time.time()
+    scope = scope_token(conversation.owner)
+    rows = [{"conversation_id": conversation.id, "role": role, "content": text, "created": now, "model": "",
+             "prompt_tokens": None, "completion_tokens": None, "finish_reason": None, "scope": scope}
+            for role, text in turns]
+    if answer:
+        rows.append({"conversation_id": conversation.id, "role": "assistant", "content": answer, "created": now,
+                     "model": model or "", "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "finish_reason": finish_reason, "scope": scope})
+    with db.conn:
+        if rows:
+            db["messages"].insert_all(rows, batch_size=200)
+        db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation.id])
+    return _find(db, conversation.id, owner)
+
+
 def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserConversation], *,
                                  rejected: tuple[str, ...] = (), owner: str | None, max_bytes: int = 0) -> ImportReport:
     imported: dict[str, str] = {}
@@ -191,6 +244,16 @@ class ConversationStore:
         return await self._run(append_message, conversation_id, owner=owner, role=role, content=content,
                                model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                finish_reason=finish_reason, max_bytes=self.max_bytes)
+
+    async def record_exchange(self, *, owner: str | None, conversation_id: str | None, request_messages: list,
+                              answer: str, model: str = "", prompt_tokens: int | None = None,
+                              completion_tokens: int | None = None, finish_reason: str | None = None,
+                              source: str = "api") -> Conversation:
+        """Keep a chat completion a client asked to keep (see record_exchange); returns the conversation."""
+        return await self._run(record_exchange, owner=owner, conversation_id=conversation_id,
+                               request_messages=request_messages, answer=answer, model=model,
+                               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                               finish_reason=finish_reason, source=source, max_bytes=self.max_bytes)
 
     async def list(self, *, owner: Owner, limit: int = 50, offset: int = 0) -> ConversationPage:
         return await self._run(list_conversations, owner=owner, limit=limit, offset=offset)
