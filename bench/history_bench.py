@@ -23,8 +23,8 @@ from offgridd.db import Database
 from offgridd.history.records import EVERYONE, scope_token
 from offgridd.history.schema import ensure_schema
 from offgridd.history.search import search
-from offgridd.history.size import database_size
 from offgridd.history.store import append_message, create_conversation
+from offgridd.history.upkeep import database_size
 
 COMMON = """the a to of and in is it you that for on with this be are as can or if your not have at by from will
 use do an what how water power battery solar pump filter radio map battery signal route camp fire first aid wound

@@ -35,6 +35,7 @@ from offgridd.history import (
 )
 from offgridd.history.schema import ensure_schema
 from offgridd.history.search import search
+from offgridd.history.upkeep import check_integrity
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,13 +54,12 @@ def store(database):
 
 def check_fts_agrees(path: Path) -> None:
     """The database is whole and both full-text indexes match their tables row for row."""
-    conn = sqlite3.connect(path)
+    db = sqlite_utils.Database(sqlite3.connect(path))
     try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        for fts in ("messages_fts", "conversations_fts"):
-            conn.execute(f"INSERT INTO {fts}({fts}) VALUES('integrity-check')")  # raises if the index drifted
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert check_integrity(db) == ()
     finally:
-        conn.close()
+        db.close()
 
 
 async def pump_conversation(store, owner="alice"):
@@ -194,6 +194,23 @@ async def test_the_index_stays_in_step_after_renames_and_deletes(store, database
     assert await store.search("radio", owner="alice") == ()
     assert len(await store.search("seeds", owner="alice")) == 2
     check_fts_agrees(database.path)
+
+
+async def test_an_index_that_drifted_from_its_table_is_found_and_rebuilt(store, database):
+    c = await pump_conversation(store)
+    assert await store.check() == ()
+
+    def drift(db):  # what a bug writing around the triggers would do
+        with db.conn:
+            db.execute("DROP TRIGGER messages_ad")
+            db.execute("DELETE FROM messages WHERE role = 'user'")
+    await database.run(drift)
+    problems = await store.check()
+    assert len(problems) == 1 and problems[0].startswith("messages_fts disagrees with its table")
+    await store.rebuild_search_index()
+    assert await store.check() == ()
+    assert [h.role for h in await store.search("install", owner="alice")] == ["assistant"]
+    assert c.id
 
 
 HOSTILE = ['"', '""', '"pump', 'pump"', "(pump", "pump)", "((", "NEAR(pump water)", "pump NEAR water", "*", "pump*",

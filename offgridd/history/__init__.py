@@ -16,8 +16,8 @@ from .records import (
     Transcript,
 )
 from .search import SearchHit, fts_query
-from .size import DatabaseSize, VacuumResult
 from .store import ConversationStore, vacuum_periodically
+from .upkeep import DatabaseSize, VacuumResult
 
 __all__ = [
     "EVERYONE", "Conversation", "ConversationNotFound", "ConversationPage", "ConversationStore", "DatabaseSize",

@@ -37,7 +37,15 @@ from .records import (
 )
 from .schema import ensure_schema
 from .search import SearchHit, search
-from .size import DatabaseSize, VacuumResult, check_room, database_size, vacuum
+from .upkeep import (
+    DatabaseSize,
+    VacuumResult,
+    check_integrity,
+    check_room,
+    database_size,
+    rebuild_search_index,
+    vacuum,
+)
 
 T = TypeVar("T")
 
@@ -281,6 +289,13 @@ class ConversationStore:
 
     async def vacuum(self, *, full: bool = False) -> VacuumResult:
         return await self._run(vacuum, full=full)
+
+    async def check(self) -> tuple[str, ...]:
+        """Problems in the file or the search indexes, for `offgridd doctor`; empty when sound."""
+        return await self._run(check_integrity)
+
+    async def rebuild_search_index(self) -> None:
+        await self._run(rebuild_search_index)
 
 
 async def vacuum_periodically(store: ConversationStore, every_s: float) -> None:

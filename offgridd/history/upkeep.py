@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 
@@ -100,3 +101,22 @@ def vacuum(db: sqlite_utils.Database, *, full: bool = False) -> VacuumResult:
         db.conn.executescript("PRAGMA incremental_vacuum")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     return VacuumResult(mode=mode, before=before, after=database_size(db), seconds=time.monotonic() - started)
+
+
+def check_integrity(db: sqlite_utils.Database) -> tuple[str, ...]:
+    """Problems found in the file and in both search indexes (each compared with its table); empty when sound."""
+    problems = [row[0] for row in db.execute("PRAGMA quick_check") if row[0] != "ok"]
+    for fts in ("conversations_fts", "messages_fts"):
+        try:
+            # rank 1: also compare the index with the table it indexes (plain 'integrity-check' does not, here)
+            db.execute(f"INSERT INTO {fts}({fts}, rank) VALUES('integrity-check', 1)")
+        except sqlite3.DatabaseError as e:
+            problems.append(f"{fts} disagrees with its table ({e}): rebuild_search_index() rebuilds it")
+    return tuple(problems)
+
+
+def rebuild_search_index(db: sqlite_utils.Database) -> None:
+    """Rebuild both search indexes from their tables (minutes for a large history; writers wait meanwhile)."""
+    with db.conn:
+        for fts in ("conversations_fts", "messages_fts"):
+            db.execute(f"INSERT INTO {fts}({fts}) VALUES('rebuild')")
