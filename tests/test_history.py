@@ -150,8 +150,11 @@ async def test_each_key_sees_only_its_own_conversations_and_the_admin_sees_all(s
     assert {h.conversation_id for h in await store.search("pump", owner="bob")} == {bob.id}
     assert {h.conversation_id for h in await store.search("pump", owner=None)} == {nobody.id}
     assert {h.conversation_id for h in await store.search("pump", owner=EVERYONE)} == {alice.id, bob.id, nobody.id}
-    with pytest.raises(InvalidHistory):
-        await store.create(owner=EVERYONE)
+    for not_an_owner in (EVERYONE, "", 42):
+        with pytest.raises(InvalidHistory, match="one owner"):
+            await store.create(owner=not_an_owner)
+        with pytest.raises(InvalidHistory, match="one owner"):
+            await store.import_browser([], owner=not_an_owner)
 
 
 async def test_search_ranks_messages_and_titles_with_highlighted_snippets(store):
@@ -211,6 +214,31 @@ async def test_an_index_that_drifted_from_its_table_is_found_and_rebuilt(store, 
     assert await store.check() == ()
     assert [h.role for h in await store.search("install", owner="alice")] == ["assistant"]
     assert c.id
+
+
+async def test_a_write_that_fails_half_way_leaves_nothing_behind(store, database):
+    await store.create(owner=None, title="warm up")  # the schema exists before the trap is set
+
+    def trap(db):  # a write failing mid-transaction, as a full card or an I/O error would make it fail
+        db.execute("CREATE TRIGGER trap BEFORE INSERT ON messages WHEN new.content = 'boom' "
+                   "BEGIN SELECT RAISE(ABORT, 'the card is full'); END")
+    await database.run(trap)
+    saved = [{"id": "half", "title": "half", "messages": [{"role": "user", "content": "first"},
+                                                           {"role": "user", "content": "boom"}]}]
+    with pytest.raises(sqlite3.IntegrityError, match="the card is full"):
+        await store.import_browser(saved, owner=None)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.record_exchange(owner=None, conversation_id=None, answer="boom",
+                                    request_messages=[{"role": "user", "content": "a question"}])
+    c = (await store.list(owner=None)).conversations[0]
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.append(c.id, owner=None, role="user", content="boom")
+    page = await store.list(owner=None)
+    assert [(x.title, x.message_count, x.updated) for x in page.conversations] == [("warm up", 0, c.updated)]
+    assert await store.search("first", owner=None) == () and await store.search("question", owner=None) == ()
+    await database.run(lambda db: db.execute("DROP TRIGGER trap"))
+    assert (await store.import_browser(saved, owner=None)).imported.keys() == {"half"}  # sent again, it goes in
+    check_fts_agrees(database.path)
 
 
 HOSTILE = ['"', '""', '"pump', 'pump"', "(pump", "pump)", "((", "NEAR(pump water)", "pump NEAR water", "*", "pump*",

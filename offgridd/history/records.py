@@ -99,6 +99,12 @@ def owner_clause(owner: Owner, column: str = "owner") -> tuple[str, list]:
     return f"{column} IS ?", [owner]
 
 
+def check_owner(owner: object) -> None:
+    """A conversation belongs to one owner: a key's name, or None (no keys). Not EVERYONE, not ""."""
+    if owner is not None and (not isinstance(owner, str) or not owner):
+        raise InvalidHistory("a conversation belongs to one owner: an API key's name, or none")
+
+
 def scope_token(owner: str | None) -> str:
     """The one FTS5 token standing for an owner in the messages index: digits after "k", which no tokenizer splits."""
     if owner is None:

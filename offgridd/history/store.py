@@ -31,6 +31,7 @@ from .records import (
     Owner,
     Transcript,
     check_message,
+    check_owner,
     clean_title,
     owner_clause,
     scope_token,
@@ -72,8 +73,7 @@ def _find(db: sqlite_utils.Database, conversation_id: str, owner: Owner) -> Conv
 def create_conversation(db: sqlite_utils.Database, *, owner: str | None, title: str = DEFAULT_TITLE,
                         model: str = "", source: str = "ui", max_bytes: int = 0, client_id: str | None = None,
                         created: float | None = None) -> Conversation:
-    if owner is EVERYONE:
-        raise InvalidHistory("a conversation belongs to one owner (a key's name, or none)")
+    check_owner(owner)
     if source not in SOURCES:
         raise InvalidHistory(f"a conversation's source is one of {', '.join(SOURCES)}, not {source!r}")
     title = clean_title(title)
@@ -81,7 +81,7 @@ def create_conversation(db: sqlite_utils.Database, *, owner: str | None, title: 
     now = time.time() if created is None else created
     row = {"id": uuid.uuid4().hex, "title": title, "created": now, "updated": now, "owner": owner,
            "model": model or "", "source": source, "client_id": client_id}
-    with db.conn:
+    with db.atomic():
         db["conversations"].insert(row)
     return Conversation(**{k: v for k, v in row.items() if k != "client_id"})
 
@@ -96,7 +96,7 @@ def append_message(db: sqlite_utils.Database, conversation_id: str, *, owner: Ow
     row = {"conversation_id": conversation_id, "role": role, "content": content, "created": now,
            "model": model or "", "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "finish_reason": finish_reason, "scope": scope_token(conversation.owner)}
-    with db.conn:  # the message and the conversation's activity time in one transaction
+    with db.atomic():  # the message and the conversation's activity time in one transaction
         message_id = db["messages"].insert(row).last_pk
         db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
     return Message(id=message_id, **{k: v for k, v in row.items() if k != "scope"})
@@ -129,7 +129,7 @@ def rename_conversation(db: sqlite_utils.Database, conversation_id: str, title: 
                         owner: Owner) -> Conversation:
     title = clean_title(title)
     _find(db, conversation_id, owner)
-    with db.conn:
+    with db.atomic():
         db.execute("UPDATE conversations SET title = ? WHERE id = ?", [title, conversation_id])
     return _find(db, conversation_id, owner)
 
@@ -137,7 +137,7 @@ def rename_conversation(db: sqlite_utils.Database, conversation_id: str, title: 
 def delete_conversation(db: sqlite_utils.Database, conversation_id: str, *, owner: Owner) -> int:
     """Delete a conversation and its messages; returns how many messages went with it."""
     _find(db, conversation_id, owner)
-    with db.conn:
+    with db.atomic():
         gone = db.execute("DELETE FROM messages WHERE conversation_id = ?", [conversation_id]).rowcount
         db.execute("DELETE FROM conversations WHERE id = ?", [conversation_id])
     return gone
@@ -173,23 +173,23 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
         check_message(role, text)
     check_message("assistant", answer)
     check_room(db, max_bytes, sum(len(text.encode("utf-8", "surrogatepass")) for _, text in turns) + len(answer))
-    if conversation_id is None:
-        first = next((text for role, text in turns if role == "user"), "")
-        try:
-            title = clean_title(first[:60])
-        except InvalidHistory:
-            title = DEFAULT_TITLE
-        conversation = create_conversation(db, owner=owner, title=title, model=model, source=source)
     now = time.time()
-    scope = scope_token(conversation.owner)
-    rows = [{"conversation_id": conversation.id, "role": role, "content": text, "created": now, "model": "",
-             "prompt_tokens": None, "completion_tokens": None, "finish_reason": None, "scope": scope}
-            for role, text in turns]
-    if answer:
-        rows.append({"conversation_id": conversation.id, "role": "assistant", "content": answer, "created": now,
-                     "model": model or "", "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "finish_reason": finish_reason, "scope": scope})
-    with db.conn:
+    with db.atomic():  # a new conversation and its messages, or nothing
+        if conversation_id is None:
+            first = next((text for role, text in turns if role == "user"), "")
+            try:
+                title = clean_title(first[:60])
+            except InvalidHistory:
+                title = DEFAULT_TITLE
+            conversation = create_conversation(db, owner=owner, title=title, model=model, source=source)
+        scope = scope_token(conversation.owner)
+        rows = [{"conversation_id": conversation.id, "role": role, "content": text, "created": now, "model": "",
+                 "prompt_tokens": None, "completion_tokens": None, "finish_reason": None, "scope": scope}
+                for role, text in turns]
+        if answer:
+            rows.append({"conversation_id": conversation.id, "role": "assistant", "content": answer,
+                         "created": now, "model": model or "", "prompt_tokens": prompt_tokens,
+                         "completion_tokens": completion_tokens, "finish_reason": finish_reason, "scope": scope})
         if rows:
             db["messages"].insert_all(rows, batch_size=200)
         db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation.id])
@@ -198,6 +198,7 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
 
 def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserConversation], *,
                                  rejected: tuple[str, ...] = (), owner: str | None, max_bytes: int = 0) -> ImportReport:
+    check_owner(owner)
     imported: dict[str, str] = {}
     already: dict[str, str] = {}
     for conversation in found:
@@ -208,7 +209,7 @@ def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserC
             continue
         check_room(db, max_bytes, conversation.size())
         conversation_id = uuid.uuid4().hex
-        with db.conn:  # all of a conversation or none of it, so a failed import can simply be sent again
+        with db.atomic():  # all of a conversation or none of it, so a failed import can simply be sent again
             db["conversations"].insert({
                 "id": conversation_id, "title": conversation.title, "created": conversation.created,
                 "updated": conversation.created, "owner": owner, "model": conversation.model, "source": "ui",

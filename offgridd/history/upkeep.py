@@ -117,6 +117,6 @@ def check_integrity(db: sqlite_utils.Database) -> tuple[str, ...]:
 
 def rebuild_search_index(db: sqlite_utils.Database) -> None:
     """Rebuild both search indexes from their tables (minutes for a large history; writers wait meanwhile)."""
-    with db.conn:
+    with db.atomic():
         for fts in ("conversations_fts", "messages_fts"):
             db.execute(f"INSERT INTO {fts}({fts}) VALUES('rebuild')")
