@@ -183,6 +183,21 @@ async def test_search_ranks_messages_and_titles_with_highlighted_snippets(store)
     assert hit["snippet"][0] == {"text": "Installing", "match": True}
 
 
+async def test_a_word_in_very_many_messages_ranks_only_the_newest_of_them(store, monkeypatch):
+    import offgridd.history.search as search_module
+    monkeypatch.setattr(search_module, "RANK_WINDOW", 3)
+    mine = await store.create(owner="alice", title="log")
+    theirs = await store.create(owner="bob", title="log")
+    for i in range(6):
+        # the oldest of alice's messages says "pump" most often: it would rank first without the window
+        await store.append(mine.id, owner="alice", role="user", content=f"m{i} " + "pump " * (6 - i) + "x " * 20)
+        await store.append(theirs.id, owner="bob", role="user", content="pump " * 9)  # not alice's window
+    hits = await store.search("pump", owner="alice", limit=10)
+    assert sorted(h.snippet_text().split()[0] for h in hits) == ["m3", "m4", "m5"]
+    assert len(await store.search("m0 pump", owner="alice")) == 1  # a narrower query reaches older messages
+    assert len(await store.search("pump", owner=EVERYONE, limit=50)) == 3
+
+
 async def test_the_index_stays_in_step_after_renames_and_deletes(store, database):
     c = await pump_conversation(store)
     keep = await store.create(owner="alice", title="Seeds to plant")

@@ -97,6 +97,7 @@ def search(db: sqlite_utils.Database, text: str, *, owner: Owner, limit: int = 2
         JOIN conversations c ON c.n = conversations_fts.rowid
         WHERE conversations_fts MATCH ? AND {where}
         ORDER BY conversations_fts.rank LIMIT ?""", [query, *params, limit]).fetchall()
+
     def hit(row) -> SearchHit:
         cid, title, mid, role, created, rank, marked = row
         return SearchHit(conversation_id=cid, title=title, message_id=mid, role=role, created=created, rank=rank,
