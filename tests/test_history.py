@@ -19,6 +19,7 @@ import pytest
 import sqlite_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from offgridd.db import Database
 from offgridd.history import (
@@ -35,6 +36,13 @@ from offgridd.history import (
 )
 from offgridd.history.schema import ensure_schema
 from offgridd.history.search import search
+from offgridd.history.store import (
+    append_message,
+    create_conversation,
+    delete_conversation,
+    import_browser_conversations,
+    rename_conversation,
+)
 from offgridd.history.upkeep import check_integrity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -522,3 +530,75 @@ def test_a_writer_killed_mid_write_loses_at_most_the_message_it_was_writing(tmp_
         assert indexed == rows
         assert {f"entry{n}" for n in range(acked + 1)} <= contents
         kept = rows  # a message committed just before the kill counts as kept for the next round
+
+
+class HistoryMachine(RuleBasedStateMachine):
+    """Any sequence of creates, appends, renames, deletes and imports leaves both indexes in step with the tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.db = sqlite_utils.Database(memory=True)
+        ensure_schema(self.db)
+        self.live: dict[str, tuple[str | None, str, list[str]]] = {}  # id -> owner, title word, message words
+        self.made = 0
+
+    def word(self) -> str:
+        self.made += 1
+        return f"w{self.made}x"
+
+    @rule(owner=st.sampled_from(["alice", "bob", None]))
+    def create(self, owner):
+        title = self.word()
+        c = create_conversation(self.db, owner=owner, title=f"about {title}")
+        self.live[c.id] = (owner, title, [])
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), role=st.sampled_from(["user", "assistant"]))
+    def append(self, data, role):
+        cid = data.draw(st.sampled_from(sorted(self.live)))
+        owner, _, words = self.live[cid]
+        words.append(self.word())
+        append_message(self.db, cid, owner=owner, role=role, content=f"note {words[-1]} pump")
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def rename(self, data):
+        cid = data.draw(st.sampled_from(sorted(self.live)))
+        owner, _, words = self.live[cid]
+        title = self.word()
+        rename_conversation(self.db, cid, f"about {title}", owner=owner)
+        self.live[cid] = (owner, title, words)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def delete(self, data):
+        cid = data.draw(st.sampled_from(sorted(self.live)))
+        owner, _, _ = self.live.pop(cid)
+        delete_conversation(self.db, cid, owner=owner)
+
+    @rule(owner=st.sampled_from(["alice", None]), n=st.integers(1, 3))
+    def import_(self, owner, n):
+        saved = [{"id": f"b{self.made}n{i}", "title": "imported",
+                  "messages": [{"role": "user", "content": f"note {self.word()} pump"}]} for i in range(n)]
+        found, _ = parse_browser_storage(saved)
+        report = import_browser_conversations(self.db, found, owner=owner)
+        for raw in saved:
+            self.live[report.imported[raw["id"]]] = (owner, "imported", [raw["messages"][0]["content"].split()[1]])
+
+    @invariant()
+    def indexes_agree_with_tables(self):
+        assert check_integrity(self.db) == ()
+
+    @invariant()
+    def every_live_word_is_found_by_its_owner_only(self):
+        for cid, (owner, title, words) in self.live.items():
+            for word in [title, *words][-2:]:
+                assert cid in {h.conversation_id for h in search(self.db, word, owner=owner)}
+                other = "bob" if owner != "bob" else "alice"
+                assert cid not in {h.conversation_id for h in search(self.db, word, owner=other)}
+        mine = {h.conversation_id for h in search(self.db, "pump", owner=EVERYONE, limit=100)}
+        assert mine == {cid for cid, (_, _, words) in self.live.items() if words}
+
+
+HistoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+test_any_sequence_of_edits_keeps_search_in_step = HistoryMachine.TestCase
