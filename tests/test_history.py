@@ -31,6 +31,8 @@ from offgridd.history import (
     filename,
     fts_query,
     parse_browser_storage,
+    parse_page,
+    render_export,
     to_json,
     to_markdown,
 )
@@ -327,6 +329,21 @@ async def test_export_writes_json_a_program_reads_back_and_markdown_a_person_rea
     assert "model gemma3-270m · 2 messages_" in md
     assert "## You\n\nHow do I install the water pump by the well?\n\n## Model (gemma3-270m)\n\nInstalling it" in md
     assert filename(transcript, "md") == f"Pump-well-notes-{c.id[:8]}.md"
+    body, content_type, name = render_export(transcript, "markdown")
+    assert (body.decode(), content_type, name) == (md, "text/markdown; charset=utf-8", filename(transcript, "md"))
+    body, content_type, _ = render_export(transcript, "json")
+    assert json.loads(body) == data and content_type == "application/json"
+    with pytest.raises(InvalidHistory, match="json and md"):
+        render_export(transcript, "pdf")
+    assert [t.conversation.id async for t in store.transcripts(owner="alice")] == [c.id]
+
+
+def test_a_page_request_is_read_from_query_strings_or_refused_with_the_reason():
+    assert parse_page(None, None) == (50, 0)
+    assert parse_page("10", "30") == (10, 30)
+    for limit, offset in (("0", "0"), ("201", "0"), ("ten", "0"), ("10", "-1"), ("1.5", "0")):
+        with pytest.raises(InvalidHistory, match="limit"):
+            parse_page(limit, offset)
 
 
 def browser_storage() -> list:

@@ -1,7 +1,7 @@
 """Conversation history on the box: stored in offgridd.db, searched with FTS5, exported, bounded on the card."""
 
 from .browser import parse_browser_storage
-from .export import filename, to_json, to_markdown
+from .export import filename, render_export, to_json, to_markdown
 from .records import (
     EVERYONE,
     Conversation,
@@ -14,6 +14,7 @@ from .records import (
     Message,
     Owner,
     Transcript,
+    parse_page,
 )
 from .search import SearchHit, fts_query
 from .store import ConversationStore, vacuum_periodically
@@ -22,5 +23,6 @@ from .upkeep import DatabaseSize, VacuumResult
 __all__ = [
     "EVERYONE", "Conversation", "ConversationNotFound", "ConversationPage", "ConversationStore", "DatabaseSize",
     "HistoryError", "HistoryFull", "ImportReport", "InvalidHistory", "Message", "Owner", "SearchHit", "Transcript",
-    "VacuumResult", "filename", "fts_query", "parse_browser_storage", "to_json", "to_markdown", "vacuum_periodically",
+    "VacuumResult", "filename", "fts_query", "parse_browser_storage", "parse_page", "render_export", "to_json",
+    "to_markdown", "vacuum_periodically",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
-from .records import Message, Transcript
+from .records import InvalidHistory, Message, Transcript
 
 JSON_FORMAT = "offgridd.conversation"
 JSON_VERSION = 1
+CONTENT_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 SPEAKERS = {"user": "You", "assistant": "Model", "system": "System", "tool": "Tool", "error": "Error"}
 
 
@@ -44,3 +46,15 @@ def filename(transcript: Transcript, extension: str) -> str:
     words = "".join(ch if ch.isascii() and ch.isalnum() else " " for ch in c.title).split()
     stem = "-".join(words)[:60] or "conversation"
     return f"{stem}-{c.id[:8]}.{extension}"
+
+
+def render_export(transcript: Transcript, fmt: str) -> tuple[bytes, str, str]:
+    """A download: (body, content type, file name) for `fmt` "json" or "md" ("markdown" too)."""
+    fmt = {"markdown": "md"}.get(fmt, fmt)
+    if fmt not in CONTENT_TYPES:
+        raise InvalidHistory(f"export formats are json and md, not {str(fmt)[:20]!r}")
+    if fmt == "json":
+        body = json.dumps(to_json(transcript), ensure_ascii=False, indent=1).encode()
+    else:
+        body = to_markdown(transcript).encode("utf-8", "surrogatepass")
+    return body, CONTENT_TYPES[fmt], filename(transcript, fmt)

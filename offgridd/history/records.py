@@ -91,6 +91,18 @@ class ConversationPage:
                 "next_offset": self.next_offset}
 
 
+def parse_page(limit: str | int | None, offset: str | int | None, default_limit: int = 50) -> tuple[int, int]:
+    """A page's limit and offset from a request's query (strings or None), or InvalidHistory saying what is wrong."""
+    try:
+        limit_ = default_limit if limit in (None, "") else int(limit)
+        offset_ = 0 if offset in (None, "") else int(offset)
+    except (TypeError, ValueError):
+        raise InvalidHistory("limit and offset are whole numbers") from None
+    if not 1 <= limit_ <= MAX_PAGE or offset_ < 0:
+        raise InvalidHistory(f"limit is from 1 to {MAX_PAGE} and offset 0 or more, not {limit_} and {offset_}")
+    return limit_, offset_
+
+
 def owner_clause(owner: Owner, column: str = "owner") -> tuple[str, list]:
     if owner is EVERYONE:
         return "1", []

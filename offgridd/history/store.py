@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import sqlite_utils
@@ -266,6 +266,18 @@ class ConversationStore:
 
     async def list(self, *, owner: Owner, limit: int = 50, offset: int = 0) -> ConversationPage:
         return await self._run(list_conversations, owner=owner, limit=limit, offset=offset)
+
+    async def transcripts(self, *, owner: Owner) -> AsyncIterator[Transcript]:
+        """Every conversation of `owner` with its messages, newest first, one read at a time (a backup, an export)."""
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.list(owner=owner, limit=MAX_PAGE, offset=offset)
+            for conversation in page.conversations:
+                try:
+                    yield await self.get(conversation.id, owner=owner)
+                except ConversationNotFound:
+                    continue  # deleted meanwhile
+            offset = page.next_offset
 
     async def get(self, conversation_id: str, *, owner: Owner) -> Transcript:
         return await self._run(get_transcript, conversation_id, owner=owner)
