@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
-from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 
+from . import status
 from .api.app import init_app
-from .api.health import memory_snapshot, status_line
 from .db import Database
+from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
-from .inference import InferenceError, ModelPool
-from .inference.admission import Admission
+from .inference import Admission, Inference, InferenceError, ModelPool
+from .jobs import JobBoard
 from .metrics import Metrics
 from .notify import SystemdNotifier
-from .peers import peer_service_factory
-from .runtime import Runtime, Service
-from .settings import Settings
+from .peers import PeerService
+from .runtime import Runtime
+from .settings import Settings, loopback_for
 from .store import ModelStore, StoreError, register_builtin
-from .usb.watcher import usb_watcher
+from .usb.watcher import UsbWatcher
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +33,40 @@ STATUS_EVERY_S = 5.0
 
 
 def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
+    """Compose the appliance: the core parts, then each enabled service given only the parts it uses."""
     store = ModelStore(settings.state / "models")
     metrics = Metrics()
+    bus = EventBus()
+    db = Database(settings.state / "offgridd.db")
     admission = Admission(settings.parallel, settings.queue_depth, settings.queue_timeout,
                           on_reject=lambda reason: metrics.rejected.labels(reason).inc())
-    return Runtime(settings=settings, store=store, pool=ModelPool(store, settings, metrics), metrics=metrics,
-                   db=Database(settings.state / "offgridd.db"), admission=admission, detection=detection)
-
-
-def service_factories() -> list[Callable[[Runtime], Service | None]]:
-    """Subsystems that run beside the API; each factory returns None when its subsystem is disabled."""
-    return [lambda rt: HardwareService(rt, rt.detection) if rt.detection else None, usb_watcher, peer_service_factory]
+    inference = Inference(ModelPool(store, settings, metrics), admission, metrics)
+    rt = Runtime(settings=settings, store=store, inference=inference, metrics=metrics, db=db, bus=bus,
+                 jobs=JobBoard(db, bus), detection=detection)
+    if detection is not None:
+        rt.hardware = HardwareService(settings, detection, inference, metrics, bus,
+                                      on_long_press=rt.stop_requested.set,
+                                      led_pattern=functools.partial(status.led_pattern, rt))
+    if settings.usb.enabled:
+        rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool)
+    if settings.peers.enabled:
+        rt.peers = PeerService(settings, store, rt.jobs, metrics, bus,
+                               load=lambda: (inference.active, inference.waiting))
+    return rt
 
 
 async def start_services(rt: Runtime) -> None:
-    for factory in service_factories():
-        service = factory(rt)
-        if service is None:
-            continue
+    for service in rt.services:
         try:
             await service.start()
         except Exception:  # one subsystem failing must not take the API down
             log.exception("service %s failed to start; serving without it", service.name)
             continue
-        rt.services.append(service)
+        rt.running.append(service)
 
 
 async def stop_services(rt: Runtime) -> None:
-    for service in reversed(rt.services):
+    for service in reversed(rt.running):
         try:
             await service.stop()
         except Exception:
@@ -80,7 +87,7 @@ async def bring_up(rt: Runtime, base_url: str) -> None:
         log.error("the built-in model could not be registered: %s", e)
     rt.phase, rt.reason = "loading", f"loading {settings.model}"
     try:
-        await rt.pool.worker_for(settings.model)
+        await rt.inference.pool.worker_for(settings.model)
     except (StoreError, InferenceError) as e:
         rt.phase = "unavailable"
         rt.reason = f"{e}; import a model with 'offgridd models import FILE' or set 'model' in the config"
@@ -96,8 +103,8 @@ async def bring_up(rt: Runtime, base_url: str) -> None:
 async def keep_status(rt: Runtime, notifier: SystemdNotifier) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        memory = await loop.run_in_executor(None, memory_snapshot, rt)
-        notifier.status(status_line(rt, memory))
+        memory = await loop.run_in_executor(None, status.memory, rt)
+        notifier.status(status.line(rt, memory))
         await asyncio.sleep(STATUS_EVERY_S)
 
 
@@ -105,9 +112,9 @@ async def drain(rt: Runtime, bound: float) -> None:
     """Let in-flight requests finish, up to `bound` seconds."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound):
-            await rt.idle.wait()
-    if rt.active:
-        log.warning("ending %d requests still running after %.0fs of draining", rt.active, bound)
+            await rt.inference.idle.wait()
+    if rt.inference.active:
+        log.warning("ending %d requests still running after %.0fs of draining", rt.inference.active, bound)
 
 
 async def serve(settings: Settings, detection: Detection | None = None) -> None:
@@ -124,7 +131,7 @@ async def serve(settings: Settings, detection: Detection | None = None) -> None:
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = loopback_for(settings.host)
     log.info("listening on %s:%s (state %s)", settings.host, port, settings.state)
     if detection is not None:
         log.info("board profile %s: %s (%s)", detection.profile.id, detection.reason, "; ".join(detection.evidence))
@@ -134,8 +141,8 @@ async def serve(settings: Settings, detection: Detection | None = None) -> None:
 
     async def start() -> None:
         await bring_up(rt, f"http://{host}:{port}")
-        memory = await loop.run_in_executor(None, memory_snapshot, rt)
-        notifier.ready(status_line(rt, memory))
+        memory = await loop.run_in_executor(None, status.memory, rt)
+        notifier.ready(status.line(rt, memory))
         background.append(asyncio.create_task(keep_status(rt, notifier), name="status"))
 
     starting = asyncio.create_task(start(), name="bring-up")
@@ -155,7 +162,7 @@ async def serve(settings: Settings, detection: Detection | None = None) -> None:
         task.cancel()
     await runner.cleanup()
     await stop_services(rt)
-    await rt.pool.stop()
+    await rt.inference.pool.stop()
     rt.db.close()
     log.info("stopped")
     if starting.done() and not starting.cancelled() and starting.exception():

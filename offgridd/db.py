@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,8 @@ from typing import TypeVar
 import sqlite_utils
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 SCHEMA = {
     "jobs": ({"id": str, "kind": str, "source": str, "model": str, "state": str, "bytes_done": int,
@@ -34,9 +37,12 @@ class Database:
                 self._db[name].create(columns, pk=pk, if_not_exists=True)
         return self._db
 
-    def submit(self, fn: Callable[[sqlite_utils.Database], T]):
-        """Queue a write and return at once (from the loop or any thread)."""
-        return self._thread.submit(lambda: fn(self._open()))
+    def submit(self, fn: Callable[[sqlite_utils.Database], T], what: str = "a database write"):
+        """Queue a write and return at once (from the loop or any thread). A write that fails is logged, naming
+        `what`; callers that must know wait on the returned future."""
+        future = self._thread.submit(lambda: fn(self._open()))
+        future.add_done_callback(lambda f: _log_failure(f, what))
+        return future
 
     def run_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run on the database thread and wait (for callers already off the event loop)."""
@@ -52,3 +58,8 @@ class Database:
                 self._db.close()
         self._thread.submit(lambda: _close(None)).result()
         self._thread.shutdown()
+
+
+def _log_failure(future, what: str) -> None:
+    if not future.cancelled() and (e := future.exception()) is not None:
+        log.error("%s failed: %s", what, e, exc_info=e)

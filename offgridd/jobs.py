@@ -11,6 +11,7 @@ from .db import Database
 from .events import EventBus
 
 PUBLISH_EVERY_S = 0.25
+KEEP_UNRECORDED = 50
 
 
 @dataclass(slots=True, kw_only=True)
@@ -44,6 +45,7 @@ class JobBoard:
         self.bus = bus
         self._running: dict[str, Job] = {}
         self._published: dict[str, float] = {}
+        self._unrecorded: dict[str, Job] = {}  # finished jobs whose row could not be written: still listed
         self._lock = threading.Lock()
 
     def start(self, kind: str, source: str, model: str = "", total: int = 0) -> Job:
@@ -66,8 +68,16 @@ class JobBoard:
             self._running.pop(job.id, None)
             self._published.pop(job.id, None)
         record = {k: v for k, v in asdict(job).items()}
-        self.db.submit(lambda db: db["jobs"].upsert(record, pk="id"))
+        written = self.db.submit(lambda db: db["jobs"].upsert(record, pk="id"), f"recording job {job.id} ({job.model})")
+        written.add_done_callback(lambda f: self._keep_unrecorded(f, job))
         self.bus.publish_threadsafe("job", job.to_dict())
+
+    def _keep_unrecorded(self, written, job: Job) -> None:
+        if written.cancelled() or written.exception() is not None:
+            with self._lock:
+                self._unrecorded[job.id] = job
+                while len(self._unrecorded) > KEEP_UNRECORDED:
+                    self._unrecorded.pop(next(iter(self._unrecorded)))
 
     def running(self) -> list[dict]:
         with self._lock:
@@ -80,6 +90,8 @@ class JobBoard:
         the other (its row is queued to the same database thread ahead of this read), and its row wins if in both.
         """
         running = self.running()
+        with self._lock:
+            running += [j.to_dict() for j in self._unrecorded.values()]
         rows = await self.db.run(lambda db: list(db["jobs"].rows_where(order_by="started desc", limit=limit)))
         ended = [Job(**row).to_dict() for row in rows]
         done = {j["id"] for j in ended}

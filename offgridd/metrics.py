@@ -34,6 +34,8 @@ class Metrics:
         self.peers = Gauge("offgridd_peers", "Peers of the same fleet heard from recently", registry=r)
         self.peer_datagrams_dropped = Counter("offgridd_peer_datagrams_dropped", "Peer datagrams dropped",
                                               ["reason"], registry=r)
+        self.peer_refusals = Counter("offgridd_peer_exchanges_refused", "Calls and answers between peers refused",
+                                     ["reason"], registry=r)
         self.peer_pull_bytes = Counter("offgridd_peer_pull_bytes", "Model bytes pulled from peers", ["source"],
                                        registry=r)
         self.routed = Counter("offgridd_requests_routed", "Requests served by a peer", ["peer"], registry=r)

@@ -1,4 +1,5 @@
-"""What the running daemon knows about itself, shared by the HTTP handlers and the health reporting."""
+"""The running appliance: its core parts, its services by name and type, and its phase. Built by the daemon, read by
+the HTTP layer and the status model."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Protocol
 from .db import Database
 from .events import EventBus
 from .hardware.profiles import Detection
-from .inference import ModelPool
-from .inference.admission import Admission
+from .hardware.service import HardwareService
+from .inference import Inference, Overloaded
 from .jobs import JobBoard
 from .metrics import Metrics
+from .peers import PeerService
 from .settings import Settings
 from .store import ModelStore
+from .usb.watcher import UsbWatcher
 
 
 class Service(Protocol):
@@ -36,43 +39,36 @@ class Service(Protocol):
 class Runtime:
     settings: Settings
     store: ModelStore
-    pool: ModelPool
+    inference: Inference
     metrics: Metrics
     db: Database
-    admission: Admission
+    bus: EventBus
+    jobs: JobBoard
     detection: Detection | None = None  # the board profile and why it was chosen
-    bus: EventBus = field(default_factory=EventBus)
-    jobs: JobBoard = field(init=False)
-    services: list[Service] = field(default_factory=list)
+    hardware: HardwareService | None = None  # None where disabled (no board profile) ...
+    usb: UsbWatcher | None = None
+    peers: PeerService | None = None
+    running: list[Service] = field(default_factory=list)  # ... or not running: it failed to start
     started_at: float = field(default_factory=time.time)
     phase: str = "starting"  # starting | loading | ready | unavailable (no model can be served) | stopping
     reason: str = ""  # why the phase is not ready, in words a person can act on
-    served: int = 0  # inference requests completed
-    active: int = 0  # inference requests in progress; change it through begin_request/end_request
-    last_tokens_per_second: float = 0.0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no inference request is in progress
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)  # SIGTERM, or a long button press
 
     def __post_init__(self) -> None:
-        self.idle.set()
-        self.jobs = JobBoard(self.db, self.bus)
-
-    def begin_request(self) -> None:
-        self.active += 1
-        self.metrics.in_flight.set(self.active)
-        self.idle.clear()
-
-    def end_request(self) -> None:
-        self.active -= 1
-        self.metrics.in_flight.set(self.active)
-        if not self.active:
-            self.idle.set()
+        self.inference.gate = self.admit
 
     @property
-    def waiting(self) -> int:
-        """Inference requests not started yet: queued for a slot, or handed to a worker that has not begun them.
-        /health, /metrics and peer announcements (which route by it) all read this one number."""
-        return self.admission.waiting + self.pool.waiting
+    def services(self) -> list[Service]:
+        """The services this box is configured to run, started or not, in start order."""
+        return [s for s in (self.hardware, self.usb, self.peers) if s is not None]
+
+    def admit(self, model: str | None) -> str:
+        """The model to serve for a request; refused (as Overloaded, so a peer may take it) while starting,
+        stopping, or while the default model cannot be served and the request asks for it."""
+        model = model or self.settings.model
+        if self.ready or (self.phase == "unavailable" and model != self.settings.model):
+            return model
+        raise Overloaded(f"the appliance is {self.phase}: {self.reason or 'no model is ready yet'}", retry_after=5)
 
     @property
     def ready(self) -> bool:
@@ -80,10 +76,11 @@ class Runtime:
 
     def degraded(self) -> list[dict]:
         """Everything that is not as configured, each with its reason: /health, STATUS and the UI list these."""
-        out = [{"step": "model-substituted", "model": name, "reason": note} for name, note in self.pool.notes.items()]
-        out += [{"step": "model-bad", "model": name, "reason": why} for name, why in self.pool.bad.items()]
-        out += [{"step": "engine-safe-mode", "model": name, "reason": why} for name, why in self.pool.safe_path.items()]
-        for service in self.services:
+        pool = self.inference.pool
+        out = [{"step": "model-substituted", "model": name, "reason": note} for name, note in pool.notes.items()]
+        out += [{"step": "model-bad", "model": name, "reason": why} for name, why in pool.bad.items()]
+        out += [{"step": "engine-safe-mode", "model": name, "reason": why} for name, why in pool.safe_path.items()]
+        for service in self.running:
             out += service.describe().get("degraded", [])
         return out
 

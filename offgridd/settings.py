@@ -138,6 +138,11 @@ class Settings:
         return out
 
 
+def loopback_for(host: str) -> str:
+    """Where a client on this box reaches a daemon listening on `host` (every address: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def _plain(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):

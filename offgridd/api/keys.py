@@ -1,4 +1,4 @@
-"""Typed application keys shared by the handlers."""
+"""The app key the API's handlers reach the running appliance by (subsystems' routes have keys of their own)."""
 
 from aiohttp import web
 

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 
 from aiohttp import web
 
-from .errors import ApiError
-from .health import health_report, memory_snapshot, status_line
+from .. import status as status_model
+from ..web import require_admin
 from .keys import RUNTIME
 
 STATUS_EVERY_S = 2.0
 
 
-def require_admin(request: web.Request) -> None:
-    """State-changing calls need the admin key when one is configured."""
-    key = request.app[RUNTIME].settings.admin_key
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if key and not hmac.compare_digest(given.encode(), key.encode()):
-        raise ApiError(403, "this action needs the admin key: send 'Authorization: Bearer <admin key>'",
-                       code="admin_key_required")
-
-
 async def _snapshot(request: web.Request) -> dict:
     rt = request.app[RUNTIME]
-    memory = await request.app.loop.run_in_executor(None, memory_snapshot, rt)
-    return {**health_report(rt, memory), "line": status_line(rt, memory)}
+    memory = await asyncio.get_running_loop().run_in_executor(None, status_model.memory, rt)
+    return {**status_model.report(rt, memory), "line": status_model.line(rt, memory)}
 
 
 async def status(request: web.Request) -> web.Response:
@@ -37,8 +27,8 @@ async def status(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    manifests = await request.app.loop.run_in_executor(None, rt.store.list)
-    loaded = {n: w.state for n, w in rt.pool.workers.items()}
+    manifests = await asyncio.get_running_loop().run_in_executor(None, rt.store.list)
+    loaded = {n: w.state for n, w in rt.inference.pool.workers.items()}
     return web.json_response({"models": [{**m.to_dict(), "loaded": loaded.get(m.name, "no"),
                                           "default": m.name == rt.settings.model} for m in manifests]})
 
@@ -47,8 +37,8 @@ async def delete_model(request: web.Request) -> web.Response:
     require_admin(request)
     rt = request.app[RUNTIME]
     name = request.match_info["name"]
-    await rt.pool.unload(name)
-    manifest = await request.app.loop.run_in_executor(None, rt.store.remove, name)
+    await rt.inference.pool.unload(name)
+    manifest = await asyncio.get_running_loop().run_in_executor(None, rt.store.remove, name)
     rt.bus.publish("models", {"removed": manifest.name})
     return web.json_response({"removed": manifest.name})
 

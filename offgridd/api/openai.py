@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import contextlib
 import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from .. import __version__
-from ..inference import InferenceError, Overloaded
-from ..peers.routing import routable
-from ..runtime import Runtime
-from .errors import ApiError, as_api_error, error_body
+from ..inference import Done, Generation, InferenceError, Overloaded, Token
+from ..store import UnknownModel
+from ..web import ELSEWHERE, ApiError, as_api_error, error_body, read_json
 from .keys import RUNTIME
 from .schemas import GenerationRequest, parse_chat, parse_completion, parse_embeddings
 
@@ -24,34 +22,15 @@ FINGERPRINT = f"offgridd-{__version__}"
 _MARK = "\0offgridd-text\0"  # stands for a token's text in a pre-built event
 
 
-async def read_json(request: web.Request) -> dict:
-    raw = await request.read()  # raises 413 past client_max_size
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
-
-
-def _admit(rt: Runtime, model: str) -> str:
-    """The model to serve; refused (as Overloaded, so a peer may take it) while starting, stopping, or while the
-    default model cannot be served and the request asks for it."""
-    if rt.ready or (rt.phase == "unavailable" and model != rt.settings.model):
-        return model
-    raise Overloaded(f"the appliance is {rt.phase}: {rt.reason or 'no model is ready yet'}", retry_after=5)
-
-
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    manifests = await request.app.loop.run_in_executor(None, rt.store.list)
+    manifests = await asyncio.get_running_loop().run_in_executor(None, rt.store.list)
     return web.json_response({"object": "list", "data": [_model_card(m) for m in manifests]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    manifest = await request.app.loop.run_in_executor(None, rt.store.get, request.match_info["name"])
+    manifest = await asyncio.get_running_loop().run_in_executor(None, rt.store.get, request.match_info["name"])
     return web.json_response(_model_card(manifest))
 
 
@@ -61,36 +40,34 @@ def _model_card(m) -> dict:
             "size": m.size}
 
 
-@routable
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_chat(await read_json(request)), chat=True)
 
 
-@routable
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_completion(await read_json(request)), chat=False)
 
 
-@routable
-async def embeddings(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def _elsewhere(request: web.Request, model: str | None, refused: Exception) -> web.StreamResponse:
+    """This node cannot serve the request (no such model here, or too busy): a peer may. Raises `refused` if none
+    takes it."""
+    for route in request.app.get(ELSEWHERE, ()):
+        if (response := await route(request, model or request.app[RUNTIME].settings.model)) is not None:
+            return response
+    raise refused
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
     model, inputs, as_base64 = parse_embeddings(await read_json(request))
-    name = _admit(rt, model or rt.settings.model)
-    async with rt.admission.ticket():
-        worker = await rt.pool.worker_for(name)
-        name = worker.config.name
-        rt.begin_request()
-        try:
-            async with contextlib.aclosing(worker.request({"op": "embed", "input": inputs})) as frames:
-                frame = await anext(frames)
-        finally:
-            rt.end_request()
-    n = frame["prompt_tokens"]
-    rt.metrics.prompt_tokens.labels(name).inc(n)
+    try:
+        result = await request.app[RUNTIME].inference.embed(model, inputs)
+    except (UnknownModel, Overloaded) as e:
+        return await _elsewhere(request, model, e)
+    n = result.prompt_tokens
     return web.json_response({
-        "object": "list", "model": name, "usage": {"prompt_tokens": n, "total_tokens": n},
+        "object": "list", "model": result.model, "usage": {"prompt_tokens": n, "total_tokens": n},
         "data": [{"object": "embedding", "index": i, "embedding": _b64(v) if as_base64 else v}
-                 for i, v in enumerate(frame["data"])],
+                 for i, v in enumerate(result.vectors)],
     })
 
 
@@ -99,61 +76,26 @@ def _b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-async def _tracked(rt: Runtime, name: str, frames: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    """Pass a request's frames through, recording time to first token, speed and token counts."""
-    arrived = time.monotonic()
-    first = None
-    rt.begin_request()
-    try:
-        async with contextlib.aclosing(frames):
-            async for frame in frames:
-                if frame["op"] == "token" and first is None:
-                    first = time.monotonic()
-                    rt.metrics.ttft.labels(name).observe(first - arrived)
-                elif frame["op"] == "done":
-                    m = rt.metrics
-                    m.prompt_tokens.labels(name).inc(frame["prompt_tokens"])
-                    m.completion_tokens.labels(name).inc(frame["completion_tokens"])
-                    n = frame["completion_tokens"]
-                    if first is not None and n > 1 and (spent := time.monotonic() - first) > 0:
-                        rt.last_tokens_per_second = (n - 1) / spent
-                        m.speed.labels(name).observe(rt.last_tokens_per_second)
-                    rt.served += 1
-                yield frame
-    finally:
-        rt.end_request()
-
-
 async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    name = _admit(rt, req.model or rt.settings.model)
-    async with rt.admission.ticket():
-        worker = await rt.pool.worker_for(name)
-        return await _answer(request, req, chat, worker)
-
-
-async def _answer(request: web.Request, req: GenerationRequest, chat: bool, worker) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    name = worker.config.name  # the model that answers: it may stand in for one that does not fit
-    frame = {"op": "generate", "prompt": req.prompt, "messages": req.messages, "params": req.params}
-    shape = _Shape(name, chat, req.params.get("n") or 1)
-    async with contextlib.aclosing(_tracked(rt, name, worker.request(frame))) as frames:
-        await anext(frames)  # the worker started on it: errors before this point get a plain HTTP status
+    try:
+        generation = await request.app[RUNTIME].inference.generate(
+            req.model, prompt=req.prompt, messages=req.messages, params=req.params)
+    except (UnknownModel, Overloaded) as e:
+        return await _elsewhere(request, req.model, e)
+    async with generation:  # errors from here on come from a request the worker started
+        shape = _Shape(generation.model, chat, req.params.get("n") or 1)
         if req.stream:
-            return await _stream(request, frames, shape, req.include_usage)
+            return await _stream(request, generation, shape, req.include_usage)
         texts: list[list[str]] = [[] for _ in range(shape.n)]
-        done = None
-        async for f in frames:
-            if f["op"] == "token":
-                texts[f.get("index", 0)].append(f["text"])
-            elif f["op"] == "done":
-                done = f
-        if done is None:
+        async for event in generation:
+            if isinstance(event, Token):
+                texts[event.index].append(event.text)
+        if generation.done is None:
             raise ApiError(500, "the worker ended the request without finishing it")
-        return web.json_response(shape.whole(["".join(t) for t in texts], done))
+        return web.json_response(shape.whole(["".join(t) for t in texts], generation.done))
 
 
-async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Shape, include_usage: bool):
+async def _stream(request: web.Request, generation: Generation, shape: _Shape, include_usage: bool):
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -173,15 +115,15 @@ async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Sha
             json.dumps(_MARK))
         events.append((b"data: " + head.encode(), tail.encode() + b"\n\n"))
     try:
-        async for f in frames:
-            if f["op"] == "token":
-                head, tail = events[f.get("index", 0)]
-                await resp.write(head + json.dumps(f["text"]).encode() + tail)
-            elif f["op"] == "done":
-                for index, reason in enumerate(f.get("finish_reasons") or [f["finish_reason"]]):
+        async for event in generation:
+            if isinstance(event, Token):
+                head, tail = events[event.index]
+                await resp.write(head + json.dumps(event.text).encode() + tail)
+            else:
+                for index, reason in enumerate(event.finish_reasons):
                     await send({**shape.chunk({} if shape.chat else "", reason, index), **usage_field})
                 if include_usage:
-                    await send({**shape.chunk(None, None), "choices": [], "usage": _usage(f)})
+                    await send({**shape.chunk(None, None), "choices": [], "usage": _usage(event)})
     except (ApiError, InferenceError) as e:
         err = as_api_error(e)
         await send(error_body(err.status, err.message, err.param, err.code))
@@ -191,8 +133,8 @@ async def _stream(request: web.Request, frames: AsyncIterator[dict], shape: _Sha
     return resp
 
 
-def _usage(done: dict) -> dict:
-    p, c = done["prompt_tokens"], done["completion_tokens"]
+def _usage(done: Done) -> dict:
+    p, c = done.prompt_tokens, done.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -217,8 +159,8 @@ class _Shape:
         choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def whole(self, texts: list[str], done: dict) -> dict:
-        reasons = done.get("finish_reasons") or [done["finish_reason"]]
+    def whole(self, texts: list[str], done: Done) -> dict:
+        reasons = done.finish_reasons
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                         "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]

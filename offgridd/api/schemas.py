@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ApiError
+from ..web import ApiError
 
 MAX_STOPS = 8
 MAX_CHOICES = 8  # OpenAI's n: choices decoded together as sequences of one prompt

@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import logging
 import warnings
+from collections.abc import Callable
 
-from ..runtime import Runtime
+from ..events import EventBus
+from ..inference import Inference
+from ..metrics import Metrics
+from ..settings import Settings
 from .ladder import DegradationLadder, Limits
 from .led import open_gpio
 from .probe import ResourceSample, sample
@@ -21,11 +25,16 @@ LED_EVERY_S = 0.2
 class HardwareService:
     name = "hardware"
 
-    def __init__(self, rt: Runtime, detection: Detection):
-        self.rt = rt
+    def __init__(self, settings: Settings, detection: Detection, inference: Inference, metrics: Metrics,
+                 bus: EventBus, on_long_press: Callable[[], None], led_pattern: Callable[[], str]):
+        self.settings = settings
         self.detection = detection
-        hw = rt.settings.hardware
-        self.ladder = DegradationLadder(hw, rt.admission.slots, rt.admission.depth, rt.pool.threads)
+        self.pool, self.admission = inference.pool, inference.admission
+        self.metrics, self.bus = metrics, bus
+        self.on_long_press = on_long_press  # the daemon stops
+        self.led_pattern = led_pattern  # what the LED shows: the status model decides
+        self.ladder = DegradationLadder(settings.hardware, self.admission.slots, self.admission.depth,
+                                        self.pool.threads)
         self.sample: ResourceSample | None = None
         self.limits: Limits = self.ladder.limits()
         self.led = self.button = None
@@ -34,8 +43,8 @@ class HardwareService:
 
     async def start(self) -> None:
         await self._sample_once()  # before the first model load, so the fit sees this board's memory
-        self.rt.pool.available_memory = lambda: self.sample.mem_available if self.sample else 0
-        hw = self.rt.settings.hardware
+        self.pool.set_memory_source(lambda: self.sample.mem_available if self.sample else 0)
+        hw = self.settings.hardware
         loop = asyncio.get_running_loop()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # gpiozero warns per fallback factory; we say it once below
@@ -56,45 +65,43 @@ class HardwareService:
                 part.close()
 
     def _long_press(self) -> None:
-        action = self.rt.settings.hardware.button_action
+        action = self.settings.hardware.button_action
         log.warning("button held: %s", action)
         if action == "shutdown":
-            self.rt.stop_requested.set()
+            self.on_long_press()
 
     async def _sample_once(self) -> None:
-        hw = self.rt.settings.hardware
-        self.sample = await asyncio.get_running_loop().run_in_executor(None, sample, hw.root, self.rt.settings.state)
+        hw = self.settings.hardware
+        self.sample = await asyncio.get_running_loop().run_in_executor(None, sample, hw.root, self.settings.state)
         before = set(self.ladder.active)
         self._apply(self.ladder.update(self.sample))
         self._record()  # in the same loop step as the ladder turned, so /health and /metrics agree
-        if "memory-pressure" in set(self.ladder.active) - before and (unloaded := await self.rt.pool.unload_idle()):
+        if "memory-pressure" in set(self.ladder.active) - before and (unloaded := await self.pool.unload_idle()):
             log.warning("memory pressure: unloaded idle models %s", ", ".join(unloaded))
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.rt.settings.hardware.sample_seconds)
+            await asyncio.sleep(self.settings.hardware.sample_seconds)
             try:
                 await self._sample_once()
-                if (keep := self.rt.settings.keep_alive) > 0:
-                    for name in await self.rt.pool.unload_idle(older_than=keep):
+                if (keep := self.settings.keep_alive) > 0:
+                    for name in await self.pool.unload_idle(older_than=keep):
                         log.info("unloaded %s after %.0fs idle (keep_alive)", name, keep)
             except OSError as e:  # a vanished sensor must not stop the watch
                 log.warning("resource sample failed: %s", e)
 
     def _apply(self, limits: Limits) -> None:
-        rt = self.rt
         if limits != self.limits:
-            rt.admission.resize(limits.slots, limits.queue_depth)
-            rt.admission.paused = limits.paused
-            if limits.threads != rt.pool.threads:
-                rt.pool.set_threads(limits.threads)
+            self.admission.apply(limits.slots, limits.queue_depth, limits.paused)
+            if limits.threads != self.pool.threads:
+                self.pool.set_threads(limits.threads)
             log.info("running with %d slots, queue %d, %d threads%s", limits.slots, limits.queue_depth,
                      limits.threads, f", paused: {limits.paused}" if limits.paused else "")
             self.limits = limits
-            rt.bus.publish("degraded", {"degraded": self.ladder.describe()})
+            self.bus.publish("degraded", {"degraded": self.ladder.describe()})
 
     def _record(self) -> None:
-        m, s = self.rt.metrics, self.sample
+        m, s = self.metrics, self.sample
         m.memory_available.set(s.mem_available)
         if s.temperature_c is not None:
             m.temperature.set(s.temperature_c)
@@ -102,20 +109,6 @@ class HardwareService:
             m.degraded.labels(step).set(1 if step in self.ladder.active else 0)
         m.admission_slots.set(self.limits.slots)
         m.threads.set(self.limits.threads)
-
-    def led_pattern(self) -> str:
-        rt = self.rt
-        if rt.phase == "unavailable":
-            return "error"
-        if rt.phase in ("starting", "loading", "stopping"):
-            return "starting"
-        if rt.jobs.running():
-            return "importing"
-        if rt.active:
-            return "generating"
-        if self.ladder.active or rt.pool.bad or rt.pool.notes:
-            return "degraded"
-        return "ready"
 
     async def _drive_led(self) -> None:
         while True:

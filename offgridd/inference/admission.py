@@ -74,6 +74,7 @@ class Admission:
                 self.active += 1  # counted at grant time, so no other request can take it meanwhile
                 granted.set_result(None)
 
-    def resize(self, slots: int, depth: int) -> None:
-        self.slots, self.depth = max(1, slots), max(0, depth)
+    def apply(self, slots: int, depth: int, paused: str | None = None) -> None:
+        """Take new limits (the degradation ladder turns them); waiters that now fit are admitted at once."""
+        self.slots, self.depth, self.paused = max(1, slots), max(0, depth), paused
         self._wake()

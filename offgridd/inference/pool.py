@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import psutil
 
-from ..hardware.fit import LoadPlan, NoFit, plan_load
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import ModelStore
 from .client import InferenceError, InferenceWorker, Overloaded, WorkerConfig
+from .fit import LoadPlan, NoFit, plan_load
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ModelPool:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.available_memory = available_memory  # the resource watch replaces this with its sampled figure
+        self.available_memory = available_memory  # the memory this board has free, in bytes
         self.workers: dict[str, InferenceWorker] = {}
         self.bad: dict[str, str] = {}  # model -> why it is not used any more
         self.notes: dict[str, str] = {}  # requested model -> what was changed to serve it
@@ -136,6 +136,10 @@ class ModelPool:
             log.info("unloading model %s", name)
             await worker.stop()
             self.metrics.model_loaded.labels(name).set(0)
+
+    def set_memory_source(self, available: Callable[[], int]) -> None:
+        """Where load decisions read free memory (the hardware watch's latest sample, where there is one)."""
+        self.available_memory = available
 
     def set_threads(self, threads: int) -> None:
         """Change llama.cpp's thread count in every worker, effective from the next decode step."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from ..api.errors import ApiError
-from ..api.keys import RUNTIME
-from ..runtime import Runtime
-from ..store.store import SHA256_RE
+from ..store import SHA256_RE
+from ..web import ApiError
 from .exchange import (
     ANSWER_HEADER,
     BLOB_PATH,
@@ -30,14 +30,15 @@ NODE_HEADER = "X-Offgrid-Node"  # the node that served a response: routing keeps
 SEND_BLOCK = 1 << 20
 # the nonce (or challenge) this request's answer is bound to, set once the request is known to be a fleet call
 ANSWER_TO = web.RequestKey("offgridd_fleet_answer_to", str)
+PEERS = web.AppKey("peers", PeerService)
 
 
-def peer_service(rt: Runtime) -> PeerService | None:
-    return next((s for s in rt.services if isinstance(s, PeerService)), None)
+def peer_service(app: web.Application) -> PeerService | None:
+    return app.get(PEERS)
 
 
 async def list_peers(request: web.Request) -> web.Response:
-    service = peer_service(request.app[RUNTIME])
+    service = peer_service(request.app)
     if service is None:
         return web.json_response({"enabled": False, "node": None, "peers": []})
     return web.json_response({"enabled": True, "node": service.describe(),
@@ -52,7 +53,7 @@ def _local(request: web.Request) -> str:
 
 async def fleet_call(request: web.Request) -> tuple[PeerService, FleetCall]:
     """The verified call of a fleet member, or 403 saying why it is refused (counted by reason)."""
-    service = peer_service(request.app[RUNTIME])
+    service = peer_service(request.app)
     if service is None or service.identity is None:
         raise ApiError(404, "peers are disabled on this node", code="peers_disabled")
     header = request.headers.get(REQUEST_HEADER, "")
@@ -72,7 +73,7 @@ async def fleet_call(request: web.Request) -> tuple[PeerService, FleetCall]:
 
 async def hello(request: web.Request) -> web.Response:
     """Anyone may challenge this node; the answer proves, to members only, that this node holds the key here."""
-    service = peer_service(request.app[RUNTIME])
+    service = peer_service(request.app)
     challenge = request.headers.get(CHALLENGE_HEADER, "")
     if service is None or service.identity is None:
         raise ApiError(404, "peers are disabled on this node", code="peers_disabled")
@@ -84,15 +85,15 @@ async def hello(request: web.Request) -> web.Response:
 
 async def inventory(request: web.Request) -> web.Response:
     service, _ = await fleet_call(request)
-    rt = service.rt
-    manifests = await request.app.loop.run_in_executor(None, rt.store.list)
+    manifests = await asyncio.get_running_loop().run_in_executor(None, service.store.list)
+    load, queue = service.load()
     return web.json_response({
         "node": service.identity.node_id, "name": service.identity.name,
         "inventory": inventory_digest((m.name, m.sha256) for m in manifests),
         "models": [{"name": m.name, "sha256": m.sha256, "size": m.size, "architecture": m.architecture,
                     "quantization": m.quantization, "context_length": m.context_length, "license": m.license}
                    for m in manifests],
-        "load": rt.active, "queue": rt.waiting,
+        "load": load, "queue": queue,
     })
 
 
@@ -100,15 +101,16 @@ async def blob(request: web.Request) -> web.StreamResponse:
     """A committed model's bytes, with HTTP Range for resuming; only digests a manifest names are served."""
     service, _ = await fleet_call(request)
     sha = request.match_info["sha256"]
-    manifests = await request.app.loop.run_in_executor(None, service.rt.store.list) if SHA256_RE.fullmatch(sha) else []
+    known = SHA256_RE.fullmatch(sha)
+    manifests = await asyncio.get_running_loop().run_in_executor(None, service.store.list) if known else []
     if not any(m.sha256 == sha for m in manifests):
         raise ApiError(404, f"no model with sha256 {sha[:64]!r} on this node", code="blob_not_found")
-    return web.FileResponse(service.rt.store.blob_path(sha), chunk_size=SEND_BLOCK)
+    return web.FileResponse(service.store.blob_path(sha), chunk_size=SEND_BLOCK)
 
 
 async def _sign_response(request: web.Request, response: web.StreamResponse) -> None:
     """Every response names its node; an answer to a fleet call or a challenge is signed, bound to that request."""
-    service = peer_service(request.app[RUNTIME])
+    service = peer_service(request.app)
     if service is None or service.identity is None:
         return
     response.headers.setdefault(NODE_HEADER, service.identity.node_id)
@@ -122,7 +124,9 @@ async def _sign_response(request: web.Request, response: web.StreamResponse) -> 
         content_range=response.headers.get("Content-Range", ""), body_digest=digest(body) if body is not None else None)
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, service: PeerService | None) -> None:
+    if service is not None:
+        app[PEERS] = service
     app.router.add_get("/api/v1/peers", list_peers)
     app.router.add_get(HELLO_PATH, hello)
     app.router.add_get(INVENTORY_PATH, inventory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..store.store import SHA256_RE, valid_name
+from ..store import SHA256_RE, valid_name
 from .exchange import endpoint
 from .protocol import PeerAnnouncement
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 
 import aiohttp
 import yarl
 from aiohttp import web
 
-from ..api.keys import RUNTIME
-from ..inference import Overloaded
-from ..store import UnknownModel
+from ..metrics import Metrics
 from .exchange import ExchangeRefused
-from .http import NODE_HEADER, fleet_call, peer_service
+from .http import NODE_HEADER, fleet_call
 from .protocol import DatagramRejected
+from .service import PeerService
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +21,17 @@ VIA_HEADER = "X-Offgrid-Routed-Via"
 PASSED_ON = ("Content-Type", "Cache-Control", "Retry-After", "X-Accel-Buffering", NODE_HEADER)
 
 
-async def route_to_peer(request: web.Request, model: str) -> web.StreamResponse | None:
-    """The peer's response, already sent to the client; None when no peer can take the request."""
-    rt = request.app[RUNTIME]
-    service = peer_service(rt)
-    if service is None or HOP_HEADER in request.headers:
+async def route_to_peer(request: web.Request, model: str, *, service: PeerService, metrics: Metrics,
+                        read_timeout: float) -> web.StreamResponse | None:
+    """The peer's response, already sent to the client; None when no peer can take the request (web.ELSEWHERE)."""
+    if service.identity is None or HOP_HEADER in request.headers:
         return None
     candidates = service.route_candidates(model)
     if not candidates:
         return None
     body = await request.read()  # aiohttp keeps the body it already read for the handler
     path = request.raw_path
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=rt.settings.worker_start_timeout)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout)
     for i, peer in enumerate(candidates):
         try:
             # the client's Authorization goes only to a node that proved just now, at this address, that it is a member
@@ -63,7 +59,7 @@ async def route_to_peer(request: web.Request, model: str) -> web.StreamResponse 
         try:
             if upstream.status in (404, 503) and i + 1 < len(candidates):
                 continue  # it lost the model or is full too: the next peer may do
-            rt.metrics.routed.labels(peer.name).inc()
+            metrics.routed.labels(peer.name).inc()
             log.info("routed a request for %s to peer %s (HTTP %s)", model, peer.name, upstream.status)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers={k: upstream.headers[k] for k in PASSED_ON if k in upstream.headers})
@@ -83,28 +79,9 @@ async def route_to_peer(request: web.Request, model: str) -> web.StreamResponse 
     return None
 
 
-def routable(handler):
-    """Wrap an OpenAI handler: when this node lacks the model or its queue is full, a peer that has it may answer."""
-
-    @functools.wraps(handler)
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if HOP_HEADER in request.headers:
-            await fleet_call(request)  # served only when a member signed it for this start of this node, once
-        try:
-            return await handler(request)
-        except (UnknownModel, Overloaded):
-            routed = await route_to_peer(request, await _requested_model(request))
-            if routed is None:
-                raise
-            return routed
-
-    return handle
-
-
-async def _requested_model(request: web.Request) -> str:
-    try:
-        body = json.loads(await request.read())
-    except ValueError:
-        body = None
-    model = body.get("model") if isinstance(body, dict) else None
-    return model if isinstance(model, str) and model else request.app[RUNTIME].settings.model
+@web.middleware
+async def verify_hop(request: web.Request, handler) -> web.StreamResponse:
+    """A request another node routed here is served only when a member signed it for this start of this node, once."""
+    if HOP_HEADER in request.headers and request.path.startswith("/v1/"):
+        await fleet_call(request)
+    return await handler(request)

@@ -10,14 +10,17 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import aiohttp
-from prometheus_client import Counter
 
 from .. import __version__
-from ..runtime import Runtime
-from ..store.store import ModelManifest
+from ..events import EventBus
+from ..jobs import JobBoard
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store import ModelManifest, ModelStore
 from .exchange import (
     ANSWER_HEADER,
     CHALLENGE_HEADER,
@@ -75,9 +78,12 @@ class _Listener(asyncio.DatagramProtocol):
 class PeerService:
     name = "peers"
 
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.settings = rt.settings.peers
+    def __init__(self, settings: Settings, store: ModelStore, jobs: JobBoard, metrics: Metrics, bus: EventBus,
+                 load: Callable[[], tuple[int, int]]):
+        self.state, self.http_port = settings.state, settings.port
+        self.settings = settings.peers
+        self.store, self.metrics, self.bus = store, metrics, bus
+        self.load = load  # (requests active, requests waiting): what announcements say and routing ranks by
         self.identity: NodeIdentity | None = None
         self.boot = 0  # this node's count of starts: what it signs announcements and answers for
         self.sent = 0  # announcements sent in this start
@@ -86,12 +92,12 @@ class PeerService:
         self.peers: dict[str, Peer] = {}
         self.multicast = False
         self.session: aiohttp.ClientSession | None = None
-        self.puller = ModelPuller(self)
+        self.puller = ModelPuller(store, jobs, bus, metrics, settings, peers=self.peers_by_load,
+                                  changed=self.changed, call=self.call)
         self.static: list[tuple[str, int]] = []
         self.inventory: list[ModelManifest] = []
         self.digest = inventory_digest([])
-        self.refusals = Counter("offgridd_peer_exchanges_refused", "Calls and answers between peers refused",
-                                ["reason"], registry=rt.metrics.registry)
+        self.refusals = metrics.peer_refusals
         self._probes: dict[str, tuple[float, bool | None]] = {}  # endpoint -> (when, proved: None while asking)
         self._told: set[str] = set()  # endpoints whose failed challenge was logged
         self._transport: asyncio.DatagramTransport | None = None
@@ -115,14 +121,14 @@ class PeerService:
                 raise ValueError(f"peers.interface {self.settings.interface!r} is not an IPv4 address") from None
         self.static = parse_static(self.settings.static)
         loop = asyncio.get_running_loop()
-        state = self.rt.settings.state
+        state = self.state
         self.identity = await loop.run_in_executor(None, load_identity, state)
         self._mark = await loop.run_in_executor(None, identity_mark, state)
         self.boot = await loop.run_in_executor(None, count_boot, state)
         self._transport, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=self._open_socket())
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60))
         for reason in DROP_REASONS:
-            self.rt.metrics.peer_datagrams_dropped.labels(reason)
+            self.metrics.peer_datagrams_dropped.labels(reason)
         for reason in REFUSALS:
             self.refusals.labels(reason)
         self._spawn(self._announce_loop(), "peer-announce")
@@ -177,7 +183,7 @@ class PeerService:
     def key(self) -> bytes:
         """The fleet key, re-read the moment `offgridd fleet join|rotate` replaces node.json (one stat per use),
         so no call or datagram is taken under a key the file no longer holds."""
-        state = self.rt.settings.state
+        state = self.state
         mark = identity_mark(state)
         if mark is not None and mark != self._mark:
             self._mark = mark
@@ -192,7 +198,7 @@ class PeerService:
                 self.peers.clear()
                 self._probes.clear()
                 self.window = SeqWindow()
-                self.rt.metrics.peers.set(0)
+                self.metrics.peers.set(0)
                 self.changed()
             self.identity = identity
         return self.identity.fleet_key
@@ -201,17 +207,14 @@ class PeerService:
 
     def _refresh(self) -> None:
         """Blocking: re-read the inventory."""
-        self.inventory = self.rt.store.list()
+        self.inventory = self.store.list()
         self.digest = inventory_digest((m.name, m.sha256) for m in self.inventory)
-
-    def _load(self) -> tuple[int, int]:
-        return self.rt.active, self.rt.waiting
 
     def announcement(self) -> PeerAnnouncement:
         """This node as it announces itself now, under the counter of its latest datagram."""
-        load, queue = self._load()
+        load, queue = self.load()
         return PeerAnnouncement(
-            node=self.identity.node_id, name=self.identity.name, http_port=self.rt.settings.port,
+            node=self.identity.node_id, name=self.identity.name, http_port=self.http_port,
             version=__version__[:32], inventory=self.digest, models=len(self.inventory), load=load, queue=queue,
             every=self.settings.interval, boot=self.boot, seq=self.sent, clock=time.time())
 
@@ -226,7 +229,7 @@ class PeerService:
             except Exception:
                 log.exception("peer announcement failed")
             deadline = loop.time() + self.settings.interval
-            while (left := deadline - loop.time()) > 0 and self._load() == self._announced_load:
+            while (left := deadline - loop.time()) > 0 and self.load() == self._announced_load:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(left, LOAD_CHECK_S)):
                         await self._changed.wait()
@@ -247,7 +250,7 @@ class PeerService:
                 targets.append(infos[0][4][:2])
             except OSError as e:
                 log.debug("cannot resolve static peer %s: %s", host, e)
-        self._announced_load = self._load()
+        self._announced_load = self.load()
         for target in targets:
             self.sent += 1  # one counter per datagram: a receiver takes each only once
             self._transport.sendto(self.announcement().encode(self.key()), target)
@@ -258,9 +261,9 @@ class PeerService:
             if peer.expired(now):
                 del self.peers[node]
                 log.info("peer %s (%s) went silent; forgetting it", peer.name, peer.address)
-                self.rt.bus.publish("peers", {"left": peer.to_dict()})
+                self.bus.publish("peers", {"left": peer.to_dict()})
         self._forget_probes(now)
-        self.rt.metrics.peers.set(len(self.peers))
+        self.metrics.peers.set(len(self.peers))
 
     def _forget_probes(self, now: float) -> None:
         """Challenges that are over and past PROBE_GAP_S no longer hold their address back."""
@@ -269,7 +272,7 @@ class PeerService:
                 del self._probes[target]
 
     async def _watch_bus(self) -> None:
-        with self.rt.bus.subscribe() as queue:
+        with self.bus.subscribe() as queue:
             while True:
                 event = await queue.get()
                 if event.kind == "models" or (event.kind == "job" and event.data.get("state") == "done"):
@@ -278,7 +281,7 @@ class PeerService:
     # --- listening: a datagram is taken from a proven address, and otherwise only prompts a challenge
 
     def drop(self, reason: str, address: str, detail: object) -> None:
-        self.rt.metrics.peer_datagrams_dropped.labels(reason).inc()
+        self.metrics.peer_datagrams_dropped.labels(reason).inc()
         log.debug("dropped a datagram from %s: %s", address, detail)
 
     def on_datagram(self, data: bytes, addr) -> None:
@@ -361,6 +364,16 @@ class PeerService:
             log.warning("refused an answer from %s: %s", dialed, e)
             raise
 
+    @contextlib.asynccontextmanager
+    async def call(self, peer: Peer, path: str, headers: dict[str, str] | None = None,
+                   limits: aiohttp.ClientTimeout | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A signed GET to a member, whose answer is checked to be that member's own (ExchangeRefused if not)
+        before the caller reads its body."""
+        signed, nonce = self.sign_call(peer, "GET", path)
+        async with self.session.get(peer.url + path, headers={**signed, **(headers or {})}, timeout=limits) as resp:
+            self.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint)
+            yield resp
+
     def sign_call(self, peer: Peer, method: str, path: str, body: bytes = b"") -> tuple[dict[str, str], str]:
         """Headers for a call to `peer` (signed for its current start), and the nonce its answer is bound to."""
         self.calls += 1
@@ -372,8 +385,8 @@ class PeerService:
         if peer is None:
             peer = self.peers[answer.node] = Peer.proven(answer, address, port)
             log.info("peer %s joined: node %s at %s, proved under the fleet key", answer.name, answer.node, peer.url)
-            self.rt.metrics.peers.set(len(self.peers))
-            self.rt.bus.publish("peers", {"joined": peer.to_dict()})
+            self.metrics.peers.set(len(self.peers))
+            self.bus.publish("peers", {"joined": peer.to_dict()})
             self.changed()  # answer a newcomer at once rather than at our next interval
         else:
             if (address, port) != (peer.address, peer.http_port):

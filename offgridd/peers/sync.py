@@ -9,17 +9,22 @@ import os
 import queue
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 
-from ..store import ModelManifest, StoreError
+from ..events import EventBus
+from ..jobs import JobBoard
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store import ModelManifest, ModelStore, StoreError
 from .exchange import BLOB_PATH, ExchangeRefused
+from .peer import Peer
 
-if TYPE_CHECKING:
-    from .peer import Peer
-    from .service import PeerService
+# a signed GET to a member, its answer checked as that member's own: PeerService.call
+Call = Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +92,15 @@ class _ChunkPipe:
 
 
 class ModelPuller:
-    def __init__(self, service: PeerService):
-        self.service = service
-        self.rt = service.rt
-        self.partials = self.rt.store.root / ".partial"  # the store's filesystem: committing is a rename
+    def __init__(self, store: ModelStore, jobs: JobBoard, bus: EventBus, metrics: Metrics, settings: Settings, *,
+                 peers: Callable[[], list[Peer]], changed: Callable[[], None], call: Call):
+        self.store, self.jobs, self.bus, self.metrics = store, jobs, bus, metrics
+        self.settings = settings.peers
+        self.max_model_bytes = settings.max_model_bytes
+        self.peers = peers  # live peers, least busy first
+        self.changed = changed  # this node's inventory changed: announce it
+        self.call = call
+        self.partials = store.root / ".partial"  # the store's filesystem: committing is a rename
         self.current: dict | None = None
         self._wake = asyncio.Event()
         self._retry_at: dict[tuple[str, str], float] = {}
@@ -102,7 +112,7 @@ class ModelPuller:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.service.settings.sync != "pull":
+        if self.settings.sync != "pull":
             await self._sweep(keep=False)
             return
         await loop.run_in_executor(None, lambda: self.partials.mkdir(parents=True, exist_ok=True))
@@ -115,12 +125,12 @@ class ModelPuller:
                 async with asyncio.timeout(RECHECK_S):
                     await self._wake.wait()
             self._wake.clear()
-            while (choice := self._next(await loop.run_in_executor(None, self.rt.store.list))) is not None:
+            while (choice := self._next(await loop.run_in_executor(None, self.store.list))) is not None:
                 await self._pull(*choice)
 
     async def _sweep(self, keep: bool = True) -> None:
         def sweep() -> list[str]:
-            have = {m.sha256 for m in self.rt.store.list()}
+            have = {m.sha256 for m in self.store.list()}
             return sweep_partials(self.partials, have, time.time(), keep)
 
         for name in await asyncio.get_running_loop().run_in_executor(None, sweep):
@@ -130,9 +140,9 @@ class ModelPuller:
     def _next(self, local: list[ModelManifest]) -> tuple[Peer, dict] | None:
         """The first model some peer has and this node lacks, from the least busy peer that has it."""
         names = {m.name for m in local}
-        limit = getattr(self.rt.settings, "max_model_bytes", 0)
+        limit = self.max_model_bytes
         now = time.monotonic()
-        for peer in self.service.peers_by_load():
+        for peer in self.peers():
             for name, model in sorted(peer.models.items()):
                 if name in names or self._retry_at.get((peer.node, model["sha256"]), 0) > now:
                     continue
@@ -160,7 +170,7 @@ class ModelPuller:
         loop = asyncio.get_running_loop()
         name, sha, size = model["name"], model["sha256"], model["size"]
         partial = self.partials / f"sha256-{sha}.part"
-        job = self.rt.jobs.start("peer-pull", f"peer {peer.name} ({peer.address})", name, size)
+        job = self.jobs.start("peer-pull", f"peer {peer.name} ({peer.address})", name, size)
         self.current = {"model": name, "peer": peer.name, "job": job.id}
         key = (peer.node, sha)
         try:
@@ -170,23 +180,23 @@ class ModelPuller:
             await loop.run_in_executor(None, lambda: partial.unlink(missing_ok=True))
             self._retry_at[key] = time.monotonic() + BAD_PEER_BACKOFF_S
             log.warning("pull of %s from %s refused: %s; partial file discarded", name, peer.name, e)
-            self.rt.jobs.finish(job, "failed", str(e))
+            self.jobs.finish(job, "failed", str(e))
         except (PullInterrupted, aiohttp.ClientError, TimeoutError, OSError) as e:
             failures = self._failures[sha] = self._failures.get(sha, 0) + 1
             self._retry_at[key] = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
             reason = f"interrupted: {e or type(e).__name__}; the bytes received are kept and the pull resumes"
             log.warning("pull of %s from %s %s", name, peer.name, reason)
-            self.rt.jobs.finish(job, "failed", reason)
+            self.jobs.finish(job, "failed", reason)
         except asyncio.CancelledError:
-            self.rt.jobs.finish(job, "failed", "the daemon stopped; the pull resumes at the next start")
+            self.jobs.finish(job, "failed", "the daemon stopped; the pull resumes at the next start")
             raise
         else:
             await loop.run_in_executor(None, lambda: partial.unlink(missing_ok=True))
             self._failures.pop(sha, None)
             log.info("pulled %s (%d bytes) from peer %s", manifest.name, manifest.size, peer.name)
-            self.rt.jobs.finish(job, "done")
-            self.rt.bus.publish("models", {"added": manifest.name, "source": f"peer {peer.name}"})
-            self.service.changed()
+            self.jobs.finish(job, "done")
+            self.bus.publish("models", {"added": manifest.name, "source": f"peer {peer.name}"})
+            self.changed()
         finally:
             self.current = None
 
@@ -194,13 +204,11 @@ class ModelPuller:
         loop = asyncio.get_running_loop()
         size = model["size"]
         path = f"{BLOB_PATH}{model['sha256']}"
-        headers, nonce = self.service.sign_call(peer, "GET", path)
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
-        async with self.service.session.get(peer.url + path, headers=headers, timeout=timeout) as resp:
+        async with contextlib.AsyncExitStack() as stack:
             try:  # status and Content-Range are the peer's own, for this request: the bytes are then hashed
-                self.service.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint)
+                resp = await stack.enter_async_context(self.call(peer, path, headers, timeout))
             except ExchangeRefused as e:
                 raise PullInterrupted(f"the answer did not come from peer {peer.name}: {e}") from None
             if resp.status == 200 and offset:
@@ -227,8 +235,8 @@ class ModelPuller:
 
     async def _receive(self, resp: aiohttp.ClientResponse, pipe: _ChunkPipe, want: int) -> None:
         loop = asyncio.get_running_loop()
-        limit = self.service.settings.bandwidth_limit
-        counter = self.rt.metrics.peer_pull_bytes.labels("network")
+        limit = self.settings.bandwidth_limit
+        counter = self.metrics.peer_pull_bytes.labels("network")
         started, got, buf = loop.time(), 0, bytearray()
         try:
             async for data in resp.content.iter_chunked(BLOCK):
@@ -252,7 +260,7 @@ class ModelPuller:
     def _import(self, pipe: _ChunkPipe, partial: Path, offset: int, peer: Peer, model: dict, job) -> ModelManifest:
         """Blocking: the network's bytes into the store's verified import, appended to the partial file, which the
         store keeps if the stream breaks off."""
-        self.rt.metrics.peer_pull_bytes.labels("partial").inc(offset)
+        self.metrics.peer_pull_bytes.labels("partial").inc(offset)
 
         def chunks():
             fd, unsynced = None, 0
@@ -269,9 +277,9 @@ class ModelPuller:
                     os.close(fd)
 
         try:
-            return self.rt.store.import_chunks(
+            return self.store.import_chunks(
                 chunks(), name=model["name"], source=f"peer:{peer.name}/{peer.node}", expected_sha256=model["sha256"],
                 expected_size=model["size"], license=model.get("license") if isinstance(model.get("license"), str)
-                else None, on_progress=lambda n: self.rt.jobs.progress(job, n), partial=partial)
+                else None, on_progress=lambda n: self.jobs.progress(job, n), partial=partial)
         finally:
             pipe.close_from_thread()

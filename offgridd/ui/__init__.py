@@ -36,6 +36,6 @@ async def asset(request: web.Request) -> web.FileResponse:
     return _file(name)
 
 
-def setup_ui(app: web.Application) -> None:
+def setup_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/ui/{name}", asset)

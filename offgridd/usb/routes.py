@@ -8,19 +8,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..api.errors import ApiError
-from ..api.keys import RUNTIME
-from ..api.native import require_admin
+from ..web import SETTINGS, ApiError, require_admin
 from .watcher import UsbWatcher
 
 LOCAL = ("127.0.0.1", "::1")
+USB = web.AppKey("usb", UsbWatcher)
 
 
 def _watcher(request: web.Request) -> UsbWatcher:
-    for service in request.app[RUNTIME].services:
-        if isinstance(service, UsbWatcher):
-            return service
-    raise ApiError(503, "USB import is off on this box (usb.enabled = false)", code="usb_disabled")
+    if (watcher := request.app.get(USB)) is None:
+        raise ApiError(503, "USB import is off on this box (usb.enabled = false)", code="usb_disabled")
+    return watcher
 
 
 async def usb_status(request: web.Request) -> web.Response:
@@ -30,7 +28,7 @@ async def usb_status(request: web.Request) -> web.Response:
 async def usb_import(request: web.Request) -> web.Response:
     """Import a directory on this box in the stick format; waits for the result."""
     require_admin(request)
-    if not request.app[RUNTIME].settings.admin_key and request.remote not in LOCAL:
+    if not request.app[SETTINGS].admin_key and request.remote not in LOCAL:
         raise ApiError(403, "importing from a path on this box needs a local client or the admin key",
                        code="admin_key_required")
     try:
@@ -45,3 +43,10 @@ async def usb_import(request: web.Request) -> web.Response:
         raise ApiError(400, f"{path} is not a directory the daemon can see", param="path", code="not_a_directory")
     report = await watcher.import_path(Path(path))
     return web.json_response(report.to_dict())
+
+
+def setup_routes(app: web.Application, watcher: UsbWatcher | None) -> None:
+    if watcher is not None:
+        app[USB] = watcher
+    app.router.add_get("/api/v1/usb", usb_status)
+    app.router.add_post("/api/v1/usb/import", usb_import)

@@ -15,7 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..runtime import Runtime
+from ..events import EventBus
+from ..inference import ModelPool
+from ..jobs import JobBoard
+from ..settings import UsbSettings
+from ..store import ModelStore
 from .importer import StickReport, import_stick
 from .mounts import Mount, mounted_sticks
 
@@ -60,9 +64,9 @@ def open_udev_monitor():
 class UsbWatcher:
     name = "usb"
 
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.settings = rt.settings.usb
+    def __init__(self, settings: UsbSettings, store: ModelStore, jobs: JobBoard, bus: EventBus, pool: ModelPool):
+        self.settings = settings
+        self.store, self.jobs, self.bus, self.pool = store, jobs, bus, pool
         self.mode = "stopped"  # udev | poll
         self.udev_events = 0
         self.rescans = 0
@@ -173,11 +177,11 @@ class UsbWatcher:
         loop = asyncio.get_running_loop()
         async with self._lock:
             self.importing = str(path)
-            self.rt.bus.publish("usb", {"state": "importing", "path": str(path)})
+            self.bus.publish("usb", {"state": "importing", "path": str(path)})
             report = None
             try:
                 self._running = loop.run_in_executor(None, functools.partial(
-                    import_stick, Path(path), store=self.rt.store, jobs=self.rt.jobs,
+                    import_stick, Path(path), store=self.store, jobs=self.jobs,
                     allow_unverified=self.settings.allow_unverified, cancel=self._cancel))
                 report = await asyncio.shield(self._running)
             finally:
@@ -186,22 +190,19 @@ class UsbWatcher:
                 self.last = {k: summary.get(k) for k in ("root", "ok", "refused")} | {
                     "imported": report.imported if report else [],
                     "failed": sum(r.state == "failed" for r in report.results) if report else 0}
-                self.rt.bus.publish("usb", {"state": "idle", **self.last})
+                self.bus.publish("usb", {"state": "idle", **self.last})
         if report.refused and not report.results:
             log.info("usb: %s", report.refused)
         if report.imported:
-            self.rt.bus.publish("models", {"imported": report.imported})
+            self.bus.publish("models", {"imported": report.imported})
             if self.settings.load_after_import:
                 await self._load(report.imported[0])
         return report
 
     async def _load(self, name: str) -> None:
         try:
-            await self.rt.pool.worker_for(name)
+            await self.pool.worker_for(name)
             log.info("loaded %s after importing it from a stick", name)
         except Exception as e:  # the model is in the store either way; loading is a convenience
             log.warning("could not load %s after importing it: %s", name, e)
 
-
-def usb_watcher(rt: Runtime) -> UsbWatcher | None:
-    return UsbWatcher(rt) if rt.settings.usb.enabled else None

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..store import GgufError, read_gguf_info
-from ..store.store import file_chunks, valid_name, write_hashing
+from ..store import GgufError, file_chunks, read_gguf_info, valid_name, write_hashing
 from .stick import FORMAT_VERSION, MANIFEST, MAX_MODELS, StickError, StickModel, parse_manifest
 
 MODELS_DIR = "OFFGRID/models"

@@ -1,4 +1,4 @@
-"""Commands: `offgridd usb prepare`, `offgridd usb import`, `offgridd models export`."""
+"""`offgridd usb prepare|import` and `offgridd models export`: sticks, with or without the daemon."""
 
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ from pathlib import Path
 from ..db import Database
 from ..events import EventBus
 from ..jobs import Job, JobBoard
-from ..settings import Settings, load_settings
+from ..settings import Settings, loopback_for
 from ..store import ModelStore, StoreError, name_from_filename
-from .importer import import_stick
-from .writer import ModelSource, StickWriteError, write_stick
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(config=args.config, flags={"state": args.state})
+from ..usb import ModelSource, StickWriteError, import_stick, write_stick
+from .common import settings as _settings
 
 
 class _Progress:
@@ -68,7 +64,7 @@ def _print_report(report: dict) -> None:
 
 def _through_daemon(settings: Settings, path: Path) -> dict | None:
     """Ask the running daemon to import; None when no daemon answers."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = loopback_for(settings.host)
     key = settings.admin_key or settings.api_key
     req = urllib.request.Request(f"http://{host}:{settings.port}/api/v1/usb/import", method="POST",
                                  data=json.dumps({"path": str(path)}).encode(),
@@ -144,7 +140,7 @@ def cmd_models_export(args: argparse.Namespace) -> int:
     return _write(args.to, sources)
 
 
-def add_commands(sub, models, common: argparse.ArgumentParser) -> None:
+def add_commands(sub, common: argparse.ArgumentParser, models) -> None:
     """`usb prepare|import` under the top level, `export` under `models`."""
     usb = sub.add_parser("usb", help="USB sticks: write them, import from them").add_subparsers(
         dest="usb_command", required=True)

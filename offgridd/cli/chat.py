@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import urllib.error
 import urllib.request
+
+from .common import base_url, settings
 
 
 def stream_reply(url: str, body: dict, key: str | None):
@@ -54,3 +57,15 @@ def run_chat(url: str, model: str | None, system: str | None, key: str | None) -
             continue
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    return run_chat(base_url(args), args.model, args.system, settings(args).api_key)
+
+
+def add_commands(sub, common: argparse.ArgumentParser) -> None:
+    chat = sub.add_parser("chat", parents=[common], help="chat with the running daemon in the terminal")
+    chat.add_argument("--url", help="daemon URL (default from settings)")
+    chat.add_argument("--model", help="model name (default: the daemon's)")
+    chat.add_argument("--system", help="system message")
+    chat.set_defaults(func=cmd_chat)

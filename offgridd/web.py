@@ -1,15 +1,26 @@
-"""Errors in OpenAI's JSON shape, rendered in one place."""
+"""What every HTTP surface shares: errors in OpenAI's JSON shape, reading JSON bodies, the key checks, and the app
+keys below the runtime. The routes of `api/` and of each subsystem (`usb.routes`, `peers.http`) are built on it."""
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..inference import InferenceError
-from ..store import UnknownModel
+from .inference import InferenceError
+from .settings import Settings
+from .store import UnknownModel
 
 log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+# Where a request this node cannot serve (no such model here, or too busy) may go instead: each is asked in turn
+# with the already parsed model name, and answers with the response it sent, or None. Peers register one.
+Elsewhere = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
+ELSEWHERE = web.AppKey("elsewhere", list[Elsewhere])
 
 
 class ApiError(Exception):
@@ -62,3 +73,40 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception as e:
         err = as_api_error(e)
     return error_response(err.status, err.message, param=err.param, code=err.code, retry_after=err.retry_after)
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object, or a 400 saying what is wrong with it."""
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def bearer(request: web.Request) -> bytes:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler) -> web.StreamResponse:
+    """With an api_key configured, /v1/* and /api/* need it (or the admin key)."""
+    settings = request.app[SETTINGS]
+    if settings.api_key and request.path.startswith(("/v1/", "/api/")):
+        given = bearer(request)
+        keys = [k.encode() for k in (settings.api_key, settings.admin_key) if k]
+        if not any(hmac.compare_digest(given, k) for k in keys):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+    return await handler(request)
+
+
+def require_admin(request: web.Request) -> None:
+    """State-changing calls need the admin key when one is configured."""
+    key = request.app[SETTINGS].admin_key
+    if key and not hmac.compare_digest(bearer(request), key.encode()):
+        raise ApiError(403, "this action needs the admin key: send 'Authorization: Bearer <admin key>'",
+                       code="admin_key_required")
