@@ -19,17 +19,23 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from .engine import Engine, SequenceSampler
+from .engine import Engine, SequenceSampler, logits_of
+from .logprobs import MAX_TOP, LogprobTrail, strip_lead, token_logprobs
 from .text import StopScanner, TextBatch
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 # While others generate, a newcomer's prompt goes in chunks of this many tokens, so a long prompt delays their next
 # token by one short step instead of one long one; alone, it goes in chunks of the whole batch.
 PREFILL_CHUNK = 128
+MAX_GRAMMAR_CHARS = 1 << 20
 
 
 class DecodeError(RuntimeError):
     pass
+
+
+class InvalidParams(ValueError):
+    """A request parameter the worker cannot honour; the request is refused with status 400."""
 
 
 @dataclass(eq=False)
@@ -66,6 +72,7 @@ class Sequence:
     row: int = -1  # the output row of this step's decode that holds its logits
     chunk: int = 0  # prompt tokens in this step's batch
     follows: Sequence | None = None  # the sequence evaluating the prompt this one shares, until it has
+    trail: LogprobTrail | None = None  # when the request asked for logprobs
 
     @property
     def rid(self) -> int:
@@ -99,16 +106,26 @@ class Scheduler:
         seeded = params.get("seed") is not None
         room = self.n_ctx - len(tokens)
         sampling = {k: params[k] for k in SAMPLING if params.get(k) is not None}
+        grammar, top = _grammar_of(params), _logprobs_of(params)
+        samplers: list[SequenceSampler] = []
+        try:  # every sampler first: a grammar llama.cpp refuses must leave no slot taken
+            for index in range(n):
+                seed = (params["seed"] + index) % (1 << 32) if seeded else random.getrandbits(31)
+                samplers.append(SequenceSampler(self.engine.vocab_size, seed, grammar=grammar, vocab=self.vocab,
+                                                **sampling))
+        except ValueError:
+            for sampler in samplers:
+                sampler.close()
+            raise
         request = Request(rid, len(tokens), [None] * n)
         first = None
-        for index in range(n):
+        for index, sampler in enumerate(samplers):
             slot = self._slot_for(tokens, reuse=not seeded and index == 0)
-            seed = (params["seed"] + index) % (1 << 32) if seeded else random.getrandbits(31)
             slot.busy = True
             seq = Sequence(request=request, index=index, slot=slot, prompt=tokens,
-                           limit=min(params.get("max_tokens") or room, room),
-                           sampler=SequenceSampler(self.engine.vocab_size, seed, **sampling),
-                           stops=StopScanner(stops), lead=lead, follows=first)
+                           limit=min(params.get("max_tokens") or room, room), sampler=sampler,
+                           stops=StopScanner(stops), lead=lead, follows=first,
+                           trail=LogprobTrail(top) if top is not None else None)
             first = first or seq
             self.running.append(seq)
 
@@ -163,8 +180,8 @@ class Scheduler:
                     llama_cpp.llama_memory_seq_cp(self.memory, seq.slot.seq_id, other.slot.seq_id, -1, -1)
                     other.slot.cached[:] = seq.slot.cached
                     other.follows = None
-                    out += self._advance(other, other.sampler.pick(self.ctx, row), now)
-                out += self._advance(seq, seq.sampler.pick(self.ctx, row), now)
+                    out += self._advance(other, self._pick(other, row), now)
+                out += self._advance(seq, self._pick(seq, row), now)
         return out
 
     def _fill_batch(self) -> list[Sequence]:
@@ -197,17 +214,27 @@ class Scheduler:
         b.n_tokens = n
         return members
 
+    def _pick(self, seq: Sequence, row: int) -> int:
+        token = seq.sampler.pick(self.ctx, row)
+        if seq.trail is not None:  # from the logits the pick read, before the next decode replaces them
+            seq.trail.scored = token_logprobs(logits_of(self.ctx, row, self.engine.vocab_size), token, seq.trail.k)
+        return token
+
     def _advance(self, seq: Sequence, token: int, now: float) -> list[dict]:
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             return self._finish(seq, "stop")
         seq.produced += 1
-        piece, hit = seq.stops.feed(seq.decoder.decode(self.engine.detokenize([token])))
-        if seq.lead:
+        raw = self.engine.detokenize([token])
+        decoded = seq.decoder.decode(raw)
+        piece, hit = seq.stops.feed(decoded)
+        if seq.trail is not None:
+            piece = self._trail(seq, decoded, raw, len(piece), hit)
+        elif seq.lead:
             piece = piece.lstrip()
             seq.lead = not piece
         out = []
         if text := seq.held.add(piece, now):
-            out.append({"op": "token", "id": seq.rid, "index": seq.index, "text": text, "n": seq.produced})
+            out.append(self._token_frame(seq, text))
         if hit:
             return out + self._finish(seq, "stop")
         if seq.produced >= seq.limit:
@@ -215,10 +242,39 @@ class Scheduler:
         seq.pending = token
         return out
 
+    def _trail(self, seq: Sequence, decoded: str, raw: bytes, released: int, hit: bool) -> str:
+        """Record the token's logprobs; the text to send is exactly that of the entries now released."""
+        trail = seq.trail
+        _, top = trail.scored
+        trail.add(decoded, raw, [[self._piece(t), lp] for t, lp in top])
+        entries = trail.release(released, cut=hit)
+        if seq.lead:
+            seq.lead = strip_lead(entries)
+        trail.ready += entries
+        return "".join(e["token"] for e in entries)
+
+    def _piece(self, token: int) -> str:
+        return self.engine.detokenize([token]).decode("utf-8", errors="replace")
+
+    def _token_frame(self, seq: Sequence, text: str) -> dict:
+        frame = {"op": "token", "id": seq.rid, "index": seq.index, "text": text, "n": seq.produced}
+        if seq.trail is not None:
+            frame["logprobs"] = seq.trail.take()
+        return frame
+
     def _finish(self, seq: Sequence, reason: str) -> list[dict]:
         out = []
-        if reason != "cancelled" and (tail := seq.held.take() + seq.stops.flush() + seq.decoder.decode(b"", True)):
-            out.append({"op": "token", "id": seq.rid, "index": seq.index, "text": tail, "n": seq.produced})
+        if reason != "cancelled":
+            rest, last = seq.stops.flush(), seq.decoder.decode(b"", True)
+            if seq.trail is not None:
+                entries = seq.trail.release(len(rest))
+                seq.trail.ready += entries
+                if last and seq.trail.ready:  # bytes of a character the reply never finished
+                    seq.trail.ready[-1]["token"] += last
+                rest = "".join(e["token"] for e in entries)
+                last = last if seq.trail.ready else ""
+            if (tail := seq.held.take() + rest + last) or (seq.trail is not None and seq.trail.ready):
+                out.append(self._token_frame(seq, tail))
         request = seq.request
         request.reasons[seq.index] = reason
         request.produced += seq.produced
@@ -250,6 +306,22 @@ class Scheduler:
         seq.slot.busy = False
         seq.pending, seq.row, seq.chunk, seq.follows = None, -1, 0, None
         self.running.remove(seq)
+
+
+def _grammar_of(params: dict) -> str | None:
+    grammar = params.get("grammar")
+    if grammar is not None and (not isinstance(grammar, str) or len(grammar) > MAX_GRAMMAR_CHARS):
+        raise InvalidParams(f"grammar must be a GBNF string of at most {MAX_GRAMMAR_CHARS} characters")
+    return grammar
+
+
+def _logprobs_of(params: dict) -> int | None:
+    k = params.get("logprobs")
+    if k is None or k is False:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP:
+        raise InvalidParams(f"logprobs must be a whole number from 0 to {MAX_TOP} (the alternatives per token)")
+    return k
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

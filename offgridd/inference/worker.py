@@ -183,8 +183,14 @@ class Worker:
         tokens = self.llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos, special=True)
         if len(tokens) >= self.n_ctx:
             raise RequestError(400, f"the prompt is {len(tokens)} tokens; this model's context holds {self.n_ctx}")
-        self.scheduler.start(rid, tokens, params, prompt.stops + tuple(params.get("stop") or ()),
-                             lead=frame.get("messages") is not None)
+        from .batch import InvalidParams
+        from .engine import InvalidGrammar
+
+        try:
+            self.scheduler.start(rid, tokens, params, prompt.stops + tuple(params.get("stop") or ()),
+                                 lead=frame.get("messages") is not None)
+        except (InvalidParams, InvalidGrammar) as e:
+            raise RequestError(400, str(e)) from None
         self.send({"op": "start", "id": rid, "prompt_tokens": len(tokens)})
 
     def embed(self, rid: int, inputs: list[str]) -> None:
