@@ -169,9 +169,10 @@ class Worker:
 
     def prompt_for(self, frame: dict) -> ChatPrompt:
         if frame.get("messages") is not None:
+            tools = (frame.get("params") or {}).get("tools")  # OpenAI's list, for the prompt only
             if self.template:
-                return render_template(self.template, self.bos, self.eos, frame["messages"])
-            return render_transcript(frame["messages"])
+                return render_template(self.template, self.bos, self.eos, frame["messages"], tools)
+            return render_transcript(frame["messages"], tools)
         return ChatPrompt(frame["prompt"], (), add_bos=True)
 
     def start(self, rid: int, frame: dict) -> None:
@@ -179,7 +180,12 @@ class Worker:
         if _choices(frame) > len(self.scheduler.slots):
             raise RequestError(400, f"n={_choices(frame)} is more choices than this box decodes at once "
                                     f"({len(self.scheduler.slots)})")
-        prompt = self.prompt_for(frame)
+        from jinja2 import TemplateError
+
+        try:
+            prompt = self.prompt_for(frame)
+        except (ValueError, TemplateError) as e:  # the template's raise_exception, e.g. roles that do not alternate
+            raise RequestError(400, f"the model's chat template refused these messages: {e}") from None
         tokens = self.llm.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos, special=True)
         if len(tokens) >= self.n_ctx:
             raise RequestError(400, f"the prompt is {len(tokens)} tokens; this model's context holds {self.n_ctx}")
