@@ -1,4 +1,9 @@
-"""The daemon's side of an inference worker: spawn it, stream frames to requests, restart it when it dies."""
+"""The daemon's side of an inference worker: spawn it, stream frames to requests, restart it when it dies.
+
+The supervisor never dies: a worker that cannot be spawned (EMFILE, ENOMEM, EAGAIN) is retried with backoff and
+requests get a 503 meanwhile; a worker that sends no frame for `stall_timeout` while it owes a request one is killed
+and restarted; a model is marked bad only for faults of its own: a failed load, or crashes during its requests.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -23,6 +29,8 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a worker that lived this long resets the backoff
 CRASH_LIMIT = 3  # this many crashes ...
 CRASH_WINDOW_S = 120.0  # ... within this window mark the model bad
+STOP_GRACE_S = 10.0  # a worker asked to stop that is still there after this is killed
+STALL_S = 60.0  # a worker silent this long while it owes a request a frame is stuck (native code, a looping template)
 ENGINE_BUG = "ggml-org/llama.cpp#20824"  # repacked (AMX) kernels that crash llama_decode on some Xeons
 
 
@@ -61,6 +69,7 @@ class WorkerConfig:
     flash_attn: bool = True
     memory_limit: int = 0  # RLIMIT_AS for the worker process, 0 for none
     safe: bool = False  # load without repacked weights: the engine failed its self-test with them
+    stall_timeout: float = STALL_S  # seconds without a frame, while a request is open in the worker, before a kill
 
 
 _CLOSED = object()
@@ -82,8 +91,8 @@ class _Link(asyncio.Protocol):
         try:
             for frame in self.frames.feed(data):
                 self.on_frame(frame)
-        except FrameError as e:
-            log.error("an inference worker sent a bad frame: %s", e)
+        except (FrameError, KeyError, TypeError, ValueError) as e:  # a frame of the wrong shape is a broken worker
+            log.error("an inference worker sent a bad frame: %s", e or type(e).__name__)
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,20 +135,38 @@ class InferenceWorker:
         self._failed = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes the supervisor from a backoff wait
+        self._setback = asyncio.Event()  # the last spawn failed: requests get a 503 now instead of waiting
+        self._retry_after = BACKOFF_FIRST_S
+        self._open: set[int] = set()  # requests the worker owes a frame: sent, their last frame not received
+        self._heard = time.monotonic()  # the worker's last frame, or the moment it started owing one
+        self._stalled = ""
 
     async def start(self) -> None:
-        """Spawn the worker and keep it alive; returns once the first load succeeded or failed."""
+        """Spawn the worker and keep it alive; returns once the first load succeeded or failed, or once a spawn
+        failed (the supervisor retries it; requests meanwhile get a 503 naming why)."""
         self._supervisor = asyncio.create_task(self._supervise(), name=f"worker:{self.config.name}")
-        await self.wait_ready(self.config.start_timeout)
+        await self._wait(self.config.start_timeout)
+        if self._setback.is_set() and not self._ready.is_set() and not self._failed.is_set():
+            log.warning("model %s: %s", self.config.name, self.reason)
+            return
+        await self.wait_ready(0)
 
-    async def wait_ready(self, limit_s: float) -> None:
-        if not self._ready.is_set() and not self._failed.is_set():
-            waits = [asyncio.create_task(e.wait()) for e in (self._ready, self._failed)]
+    async def _wait(self, limit_s: float) -> None:
+        events = (self._ready, self._failed, self._setback)
+        if limit_s > 0 and not any(e.is_set() for e in events):
+            waits = [asyncio.create_task(e.wait()) for e in events]
             try:
                 await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+
+    async def wait_ready(self, limit_s: float) -> None:
+        await self._wait(limit_s)
+        if self._setback.is_set() and not self._ready.is_set() and not self._failed.is_set():
+            raise Overloaded(f"model {self.config.name!r} cannot start its worker now: {self.reason}",
+                             retry_after=max(1.0, self._retry_after))
         if self._failed.is_set():
             raise InferenceError(503, f"model {self.config.name!r} failed to load: {self.reason}", retry_after=30)
         if not self._ready.is_set():
@@ -147,13 +174,28 @@ class InferenceWorker:
                                  retry_after=5)
 
     async def _supervise(self) -> None:
-        backoff = BACKOFF_FIRST_S
+        backoff = spawn_backoff = BACKOFF_FIRST_S
         crashes: list[float] = []
         while not self._stopping:
             born = time.monotonic()
-            outcome = await self._run_once()
+            try:
+                outcome = await self._run_once()
+            except Exception as e:  # a bug here must not leave the model "loading" forever: retry as a spawn error
+                log.exception("supervising the worker for %s failed", self.config.name)
+                self.reason, outcome = f"the supervisor failed: {type(e).__name__}: {e}", "spawn-failed"
             if self._stopping:
                 break
+            if outcome == "spawn-failed":
+                # the machine's fault (no fds, memory or processes now), not the model's: never counted as a crash
+                self._retry_after = spawn_backoff
+                self.reason = f"{self.reason}; retrying in {spawn_backoff:.1f}s"
+                self.state = "restarting"
+                self._setback.set()
+                log.error("cannot start the inference worker for %s: %s", self.config.name, self.reason)
+                await self._pause(spawn_backoff)
+                spawn_backoff = min(spawn_backoff * 2, BACKOFF_MAX_S)
+                continue
+            spawn_backoff = BACKOFF_FIRST_S
             if outcome == "engine-failed" and not self.safe:
                 # the kernels this CPU runs on repacked weights fail: the model itself is not at fault
                 self.safe = True
@@ -166,10 +208,13 @@ class InferenceWorker:
             if outcome == "engine-failed":
                 self.reason = f"the engine failed its self-test on the safe path too ({self.reason})"
             now = time.monotonic()
-            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
-            if outcome != "exited" or len(crashes) >= CRASH_LIMIT:
-                if outcome == "exited":
-                    self.reason = f"the worker crashed {len(crashes)} times in {CRASH_WINDOW_S:.0f}s ({self.reason})"
+            crashes = [t for t in crashes if now - t < CRASH_WINDOW_S]
+            if outcome == "crashed":  # died while serving requests: the model's fault if it keeps happening
+                crashes.append(now)
+            if outcome in ("load-failed", "engine-failed") or len(crashes) >= CRASH_LIMIT:
+                if outcome == "crashed":
+                    self.reason = (f"the worker crashed {len(crashes)} times during requests in "
+                                   f"{CRASH_WINDOW_S:.0f}s ({self.reason})")
                 self.state = "failed"
                 self._failed.set()
                 log.error("model %s failed: %s", self.config.name, self.reason)
@@ -184,46 +229,99 @@ class InferenceWorker:
             self.state = "restarting"
             log.warning("inference worker for %s died (%s); restarting in %.1fs", self.config.name, self.reason,
                         backoff)
-            await asyncio.sleep(backoff)
+            await self._pause(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _run_once(self) -> str:
-        """Run one worker process to its end: 'exited' after serving, else 'load-failed' or 'engine-failed'."""
-        self.state = "loading"
-        ours, theirs = socket.socketpair()
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
+
+    def _spawn_args(self, fd: int) -> list[str]:
         cfg = self.config
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "offgridd.inference.worker", "--fd", str(theirs.fileno()),
+        return [sys.executable, "-m", "offgridd.inference.worker", "--fd", str(fd),
                 "--model-path", str(cfg.path), "--model-name", cfg.name, "--threads", str(cfg.threads),
                 "--ctx", str(cfg.ctx), "--batch", str(cfg.batch), "--sequences", str(cfg.sequences),
-                "--gpu-layers", str(cfg.gpu_layers),
-                "--flash-attn", str(int(cfg.flash_attn)),
+                "--gpu-layers", str(cfg.gpu_layers), "--flash-attn", str(int(cfg.flash_attn)),
                 "--threads-now", str(self.threads), "--memory-limit", str(cfg.memory_limit),
-                "--safe", str(int(self.safe)),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=_worker_env(),
-            )
-        finally:
+                "--safe", str(int(self.safe))]
+
+    async def _spawn(self) -> bool:
+        """Start a worker process connected to a new link; False (with the reason) when the machine cannot now."""
+        ours = theirs = None
+        self._proc = self._link = None
+        try:
+            ours, theirs = socket.socketpair()
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._spawn_args(theirs.fileno()), pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                env=_worker_env())
             theirs.close()
+            _, self._link = await asyncio.get_running_loop().create_unix_connection(
+                lambda: _Link(self._on_frame), sock=ours)
+        except OSError as e:  # EMFILE, ENFILE, ENOMEM, EAGAIN: the machine is short of something, not the model
+            for sock in (ours, theirs):
+                if sock is not None:
+                    sock.close()
+            if self._proc is not None and self._proc.returncode is None:
+                self._proc.kill()
+                await self._proc.wait()
+            self._proc = None
+            self.reason = f"could not start the worker: {e.strerror or e}"
+            return False
         self.pid = self._proc.pid
+        self._setback.clear()
+        return True
+
+    async def _run_once(self) -> str:
+        """Run one worker process to its end: 'exited' (idle) or 'crashed' (during requests) after serving, else
+        'load-failed', 'engine-failed', or 'spawn-failed' when no process could be started."""
+        self.state = "loading"
         self._engine_up = self._loaded = False
-        self._load_error = ""
-        _, self._link = await asyncio.get_running_loop().create_unix_connection(lambda: _Link(self._on_frame),
-                                                                                sock=ours)
+        self._load_error = self._stalled = ""
+        if not await self._spawn():
+            return "spawn-failed"
+        watch = asyncio.create_task(self._watch(time.monotonic()), name=f"watch:{self.config.name}")
+        owed = False
         try:
             await self._link.closed
         finally:
+            watch.cancel()
+            owed = bool(self._open)
+            self._open.clear()
             self._ready.clear()
-            self._link.transport.close()
-            code = await self._reap()
-            self.reason = (not self._loaded and self._load_error) or f"worker exited with {describe_exit(code)}"
-            for q in self._pending.values():
-                q.put_nowait(_CLOSED)
+            try:
+                self._link.transport.close()
+                code = await self._reap()
+                self.reason = ((not self._loaded and self._load_error) or self._stalled
+                               or f"worker exited with {describe_exit(code)}")
+            finally:  # whatever happened above, no request may wait for a worker that is gone
+                for q in self._pending.values():
+                    q.put_nowait(_CLOSED)
         if self._loaded:
-            return "exited"
+            return "crashed" if owed else "exited"
         return "engine-failed" if self._engine_up else "load-failed"
 
+    async def _watch(self, spawned: float) -> None:
+        """Kill a worker that hangs: silent too long while it owes a request a frame, or never ready."""
+        limit = self.config.stall_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            if self._loaded and self._open and now - self._heard > limit:
+                self._stalled = (f"the worker sent nothing for {now - self._heard:.0f}s while serving "
+                                 f"{len(self._open)} request(s): stuck in native code or in a chat template; killed")
+            elif not self._loaded and now - spawned > self.config.start_timeout:
+                self._stalled = f"the worker was not ready after {self.config.start_timeout:.0f}s; killed"
+            else:
+                continue
+            log.error("inference worker for %s (pid %s): %s", self.config.name, self.pid, self._stalled)
+            self.kill()
+            return
+
     def _on_frame(self, frame: dict) -> None:
+        self._heard = time.monotonic()
+        if frame["op"] in ("done", "error", "embedding"):
+            self._open.discard(frame.get("id"))
         if frame["op"] == "loaded":
             self._engine_up = True
         elif frame["op"] == "ready":
@@ -265,7 +363,10 @@ class InferenceWorker:
             finished = started = False
             self.waiting += 1
             try:
+                if not self._open:  # the worker was idle: its silence counts from now
+                    self._heard = time.monotonic()
                 self._send({**frame, "id": rid})
+                self._open.add(rid)
                 while True:
                     msg = await q.get()
                     if msg is _CLOSED:
@@ -302,11 +403,17 @@ class InferenceWorker:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self.state = "stopped"
         if self._proc and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.terminate()
         if self._supervisor:
+            try:  # a worker stopped by SIGSTOP, or stuck in native code, never acts on SIGTERM
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await asyncio.shield(self._supervisor)
+            except TimeoutError:
+                self.kill()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
 
@@ -329,14 +436,15 @@ def _worker_env() -> dict[str, str]:
 
 
 def describe_exit(code: int | None) -> str:
-    """A process's return code in words: "signal SIGSEGV", "exit code 3"."""
+    """A process's return code in words: "signal SIGSEGV", "signal 35 (SIGRTMIN+1)", "exit code 3"; never raises."""
     if code is None:
         return "an unknown status"
-    if code < 0:
-        import signal
-
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:  # a real-time signal has no name
-            return f"signal {-code}"
-    return f"exit code {code}"
+    if code >= 0:
+        return f"exit code {code}"
+    number = -code
+    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:  # real-time signals have no names of their own
+        return f"signal {number} (SIGRTMIN+{number - signal.SIGRTMIN})"
+    try:
+        return f"signal {signal.Signals(number).name}"
+    except ValueError:
+        return f"signal {number}"
