@@ -619,3 +619,55 @@ class HistoryMachine(RuleBasedStateMachine):
 
 HistoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 test_any_sequence_of_edits_keeps_search_in_step = HistoryMachine.TestCase
+
+
+IMPORTER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from offgridd.db import Database
+    from offgridd.history import ConversationStore
+
+    async def main(path, round_):
+        store = ConversationStore(Database(Path(path)))
+        print("ready", flush=True)
+        n = 0
+        while True:
+            saved = [{"id": f"r{round_}n{n}", "title": f"kept {n}", "messages": [
+                {"role": "user", "content": f"part{i} " + "notes from the field " * 100} for i in range(40)]}]
+            report = await store.import_browser(saved, owner=None)
+            assert len(report.imported) == 1, report
+            print(n, flush=True)
+            n += 1
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+def test_an_import_killed_mid_write_keeps_each_conversation_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "offgridd.db"
+    rng = random.Random(1818)
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", IMPORTER, str(path), str(round_)], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            wanted, acked = rng.randint(2, 8), -1
+            while acked < wanted:
+                acked = int(proc.stdout.readline())
+            time.sleep(rng.random() * 0.02)
+            proc.send_signal(signal.SIGKILL)
+            rest = proc.stdout.read().split()
+            acked = int(rest[-1]) if rest else acked
+        finally:
+            proc.kill()
+            proc.wait()
+        check_fts_agrees(path)
+        conn = sqlite3.connect(path)
+        try:
+            counts = dict(conn.execute("SELECT c.client_id, count(m.id) FROM conversations c "
+                                       "LEFT JOIN messages m ON m.conversation_id = c.id GROUP BY c.id"))
+        finally:
+            conn.close()
+        assert set(counts.values()) == {40}, "a conversation was kept in part"
+        mine = {cid for cid in counts if cid.startswith(f"r{round_}n")}
+        assert {f"r{round_}n{n}" for n in range(acked + 1)} <= mine <= {f"r{round_}n{n}" for n in range(acked + 2)}
