@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import struct
 import tracemalloc
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from gguf_factory import _string, gguf_bytes
 from usb_images import entry, ext4_stick, put, write_manifest
 
 from offgridd.db import Database
 from offgridd.events import EventBus
 from offgridd.jobs import JobBoard
+from offgridd.metrics import Metrics
+from offgridd.peers.exchange import BLOB_PATH
+from offgridd.peers.peer import Peer
+from offgridd.peers.sync import ModelPuller
+from offgridd.settings import Settings
 from offgridd.store import GgufError, ModelStore, read_gguf_info
 from offgridd.usb import import_stick
 
@@ -192,3 +203,61 @@ def test_any_unexpected_error_importing_one_model_fails_its_job_and_the_stick_go
     assert box.jobs.running() == []
     assert sorted(m.name for m in box.store.list()) == ["first", "last"]
     assert list(box.store.staging.iterdir()) == [], "a partial file was left in .staging"
+
+
+# --- a peer: a hostile blob costs one failed pull, and the sync task goes on to the next model ---
+
+def hostile_peer(port: int, blobs: dict[str, bytes]) -> Peer:
+    models = {name: {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+              for name, data in blobs.items()}
+    return Peer(node="ab" * 16, name="hostile", address="127.0.0.1", http_port=port, version="test",
+                inventory="0" * 16, models_count=len(models), load=0, queue=0, every=2.0, boot=1, seq=1,
+                models=models)
+
+
+@pytest.mark.parametrize("how", ["mistyped header", "validator bug"])
+async def test_a_peer_serving_a_hostile_blob_fails_that_pull_and_the_sync_task_pulls_the_next_model(
+        tmp_path, monkeypatch, how):
+    blobs = {"a-hostile": HOSTILE, "b-good": GOOD}
+    by_sha = {hashlib.sha256(d).hexdigest(): d for d in blobs.values()}
+
+    async def blob(request):
+        return web.Response(body=by_sha[request.match_info["sha"]])
+
+    app = web.Application()
+    app.router.add_get(BLOB_PATH + "{sha}", blob)
+    if how == "validator bug":
+        from offgridd.store import store as store_module
+
+        real = store_module.read_gguf_info
+        monkeypatch.setattr(store_module, "read_gguf_info", lambda p: (
+            (_ for _ in ()).throw(RecursionError("maximum recursion depth exceeded"))
+            if p.stat().st_size == len(HOSTILE) else real(p)))
+    box = Box(tmp_path / "box")
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        peer = hostile_peer(server.port, blobs)
+
+        @contextlib.asynccontextmanager
+        async def call(peer, path, headers=None, limits=None):
+            async with session.get(peer.url + path, headers=headers, timeout=limits) as resp:
+                yield resp
+
+        puller = ModelPuller(box.store, box.jobs, EventBus(), Metrics(), Settings(), peers=lambda: [peer],
+                             changed=lambda: None, call=call)
+        task = asyncio.create_task(puller.run())
+        try:
+            async with asyncio.timeout(30):
+                while "b-good" not in {m.name for m in box.store.list()}:
+                    assert not task.done(), f"the sync task died: {task.exception()!r}"
+                    await asyncio.sleep(0.05)
+            assert not task.done()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    jobs = box.jobs_by_model()
+    assert jobs["a-hostile"]["state"] == "failed" and jobs["b-good"]["state"] == "done"
+    assert ("RecursionError" if how == "validator bug" else "general.alignment") in jobs["a-hostile"]["reason"]
+    assert [m.name for m in box.store.list()] == ["b-good"]
+    assert list(puller.partials.iterdir()) == [] and list(box.store.staging.iterdir()) == []
+    box.db.close()

@@ -187,6 +187,12 @@ class ModelPuller:
             reason = f"interrupted: {e or type(e).__name__}; the bytes received are kept and the pull resumes"
             log.warning("pull of %s from %s %s", name, peer.name, reason)
             self.jobs.finish(job, "failed", reason)
+        except Exception as e:  # a blob that trips a bug costs this pull, never the sync task
+            log.exception("pull of %s from %s failed unexpectedly", name, peer.name)
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, lambda: partial.unlink(missing_ok=True))
+            self._retry_at[key] = time.monotonic() + BAD_PEER_BACKOFF_S
+            self.jobs.finish(job, "failed", f"{type(e).__name__}: {e}; partial file discarded")
         except asyncio.CancelledError:
             self.jobs.finish(job, "failed", "the daemon stopped; the pull resumes at the next start")
             raise
