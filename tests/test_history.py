@@ -595,12 +595,13 @@ class HistoryMachine(RuleBasedStateMachine):
 
     @rule(owner=st.sampled_from(["alice", None]), n=st.integers(1, 3))
     def import_(self, owner, n):
-        saved = [{"id": f"b{self.made}n{i}", "title": "imported",
+        saved = [{"id": f"b{self.made}n{i}", "title": f"imported {self.word()}",
                   "messages": [{"role": "user", "content": f"note {self.word()} pump"}]} for i in range(n)]
         found, _ = parse_browser_storage(saved)
         report = import_browser_conversations(self.db, found, owner=owner)
         for raw in saved:
-            self.live[report.imported[raw["id"]]] = (owner, "imported", [raw["messages"][0]["content"].split()[1]])
+            self.live[report.imported[raw["id"]]] = (owner, raw["title"].split()[1],
+                                                     [raw["messages"][0]["content"].split()[1]])
 
     @invariant()
     def indexes_agree_with_tables(self):
