@@ -23,8 +23,8 @@ from offgridd.db import Database
 from offgridd.history.records import EVERYONE, scope_token
 from offgridd.history.schema import ensure_schema
 from offgridd.history.search import search
-from offgridd.history.store import append_message, create_conversation
-from offgridd.history.upkeep import database_size
+from offgridd.history.store import append_message, create_conversation, delete_conversation
+from offgridd.history.upkeep import database_size, vacuum
 
 COMMON = """the a to of and in is it you that for on with this be are as can or if your not have at by from will
 use do an what how water power battery solar pump filter radio map battery signal route camp fire first aid wound
@@ -147,6 +147,22 @@ def time_searches(database: Database, qs: list[tuple[str, str]], owner) -> dict:
         "queries_with_hits": sum(1 for h in hits if h)}
 
 
+def upkeep(db: sqlite_utils.Database, owners: list) -> dict:
+    """Delete a fifth of the history and vacuum (the first one full), then another fifth and vacuum (incremental)."""
+    out = {}
+    for step, owner in enumerate(owners[:2]):
+        started = time.perf_counter()
+        ids = [r[0] for r in db.execute("SELECT id FROM conversations WHERE owner IS ?", [owner])]
+        for cid in ids:
+            delete_conversation(db, cid, owner=owner)
+        deleted = time.perf_counter() - started
+        result = vacuum(db)
+        out[f"round{step + 1}"] = {"deleted_conversations": len(ids), "delete_s": round(deleted, 2),
+                                   "mode": result.mode, "vacuum_s": round(result.seconds, 2),
+                                   "before_bytes": result.before.on_card, "after_bytes": result.after.on_card}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -171,6 +187,7 @@ def main() -> None:
         database.run_sync(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
         size = database.run_sync(database_size)
         result["size"] = size.to_dict() | {"bytes_per_message": round(size.on_card / result["messages"])}
+        result["vacuum"] = database.run_sync(lambda db: upkeep(db, owners))
         database.close()
         print(json.dumps(result, indent=1))
 
