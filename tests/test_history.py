@@ -58,8 +58,10 @@ def database(tmp_path):
 
 
 @pytest.fixture
-def store(database):
-    return ConversationStore(database)
+async def store(database):
+    store = ConversationStore(database)
+    await store.prepare()
+    return store
 
 
 def check_fts_agrees(path: Path) -> None:
@@ -92,14 +94,19 @@ async def test_a_conversation_is_kept_read_renamed_and_deleted_with_its_messages
     assert transcript.conversation.message_count == 2
     assert transcript.conversation.updated >= answer.created >= c.created
 
-    renamed = await store.rename(c.id, "  Pump,\n primed  ", owner="alice")
-    assert renamed.title == "Pump, primed"
-    with pytest.raises(InvalidHistory, match="visible character"):
-        await store.rename(c.id, " \n ", owner="alice")
+    renamed = await store.rename(c.id, "  Pump,\n primed\x1b[2J\u202e  ", owner="alice")
+    assert renamed.title == "Pump, primed[2J"  # no escape, no bidi override reaches a terminal
+    for blank in (" \n ", "\u200b\u200b", "\ue000"):
+        with pytest.raises(InvalidHistory, match="visible character"):
+            await store.rename(c.id, blank, owner="alice")
+    await store.append(c.id, owner="alice", role="assistant", content="ok", model="qwen3-0.6b")
+    assert (await store.get(c.id, owner="alice")).conversation.model == "qwen3-0.6b"  # the model that answered last
+    await store.append(c.id, owner="alice", role="user", content="thanks", model="")
+    assert (await store.get(c.id, owner="alice")).conversation.model == "qwen3-0.6b"
     with pytest.raises(InvalidHistory, match="role"):
         await store.append(c.id, owner="alice", role="wizard", content="hi")
 
-    assert await store.delete(c.id, owner="alice") == 2
+    assert await store.delete(c.id, owner="alice") == 4
     with pytest.raises(ConversationNotFound):
         await store.get(c.id, owner="alice")
     assert await database.run(lambda db: db["messages"].count) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,6 +128,8 @@ def scope_token(owner: str | None) -> str:
 def clean_title(title: str) -> str:
     if not isinstance(title, str):
         raise InvalidHistory("a title is text")
+    # control, format (bidi overrides, zero-width) and private-use characters would reach terminals and snippets
+    title = "".join(ch for ch in title if unicodedata.category(ch)[0] != "C" or ch.isspace())
     title = " ".join(title.split())[:MAX_TITLE_CHARS]
     if not title:
         raise InvalidHistory("a title needs at least one visible character")

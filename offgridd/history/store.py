@@ -98,7 +98,9 @@ def append_message(db: sqlite_utils.Database, conversation_id: str, *, owner: Ow
            "finish_reason": finish_reason, "scope": scope_token(conversation.owner)}
     with db.atomic():  # the message and the conversation's activity time in one transaction
         message_id = db["messages"].insert(row).last_pk
-        db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation_id])
+        # a conversation's model is the one that answered last, so the UI offers it again
+        db.execute("UPDATE conversations SET updated = ?, model = ? WHERE id = ?",
+                   [now, model if role == "assistant" and model else conversation.model, conversation_id])
     return Message(id=message_id, **{k: v for k, v in row.items() if k != "scope"})
 
 
@@ -192,7 +194,8 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
                          "completion_tokens": completion_tokens, "finish_reason": finish_reason, "scope": scope})
         if rows:
             db["messages"].insert_all(rows, batch_size=200)
-        db.execute("UPDATE conversations SET updated = ? WHERE id = ?", [now, conversation.id])
+        db.execute("UPDATE conversations SET updated = ?, model = ? WHERE id = ?",
+                   [now, model if answer and model else conversation.model, conversation.id])
     return _find(db, conversation.id, owner)
 
 
@@ -241,6 +244,10 @@ class ConversationStore:
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         return await self.db.run(self._on_thread(fn, *args, **kwargs))
+
+    async def prepare(self) -> None:
+        """Create the tables and indexes now (at start-up), rather than on the first call."""
+        await self._run(lambda db: None)
 
     async def create(self, *, owner: str | None, title: str = DEFAULT_TITLE, model: str = "",
                      source: str = "ui") -> Conversation:
