@@ -33,4 +33,5 @@ def register_builtin(store: ModelStore) -> ModelManifest:
         expected_sha256=package.EXPECTED_SHA256,
         expected_size=sum(p.stat().st_size for p in paths),
         license=BUILTIN_LICENSE,
+        kind="llm",
     )

@@ -1,4 +1,8 @@
-"""The content-addressed model store: blobs named by digest, manifests by name, one verified way in."""
+"""The content-addressed model store: blobs named by digest, manifests by name, one verified way in.
+
+A model is of a kind: "llm" (one GGUF, the default for manifests written before kinds existed), "stt" or "tts" (a
+speech model whose engine needs several files, held as one bundle blob: `bundle.py`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bundle import BundleError, BundleInfo, looks_like_bundle, read_bundle_info
 from .gguf import GgufError, read_gguf_info
 
 log = logging.getLogger(__name__)
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+KINDS = ("llm", "stt", "tts")
 ORPHAN_AGE_S = 60  # a blob younger than this may belong to an import that is writing its manifest right now
 
 
@@ -45,6 +51,9 @@ class ModelManifest:
     source: str = ""
     license: str | None = None
     added: float = 0.0
+    kind: str = "llm"  # llm | stt | tts
+    engine: str = "llama.cpp"  # what runs it: llama.cpp, faster-whisper, piper
+    language: str | None = None  # a speech model's language, where it has one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +117,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _describe(staged: Path, kind: str | None):
+    """What a staged file is, checked for `kind`: GgufInfo for an LLM, BundleInfo for a speech model."""
+    if kind in (None, "llm") and (kind == "llm" or not looks_like_bundle(staged)):
+        try:
+            return read_gguf_info(staged)
+        except GgufError as e:
+            raise StoreError(f"not a usable GGUF model: {e}") from None
+    try:
+        info = read_bundle_info(staged)
+    except BundleError as e:
+        raise StoreError(f"not a usable speech model bundle: {e}") from None
+    if kind is not None and info.kind != kind:
+        raise StoreError(f"the bundle holds a {info.kind} model ({info.engine}), not a {kind} model")
+    return info
+
+
 class ModelStore:
     """`$STATE/models`: blobs/sha256-<hex>, manifests/<name>.json, .staging/ for partial files.
 
@@ -144,13 +169,17 @@ class ModelStore:
     def path_of(self, manifest: ModelManifest) -> Path:
         return self.blob_path(manifest.sha256)
 
-    def list(self) -> list[ModelManifest]:
+    def list(self, kind: str | None = None) -> list[ModelManifest]:
+        """Every model, or those of one kind."""
         out = []
         for p in sorted(self.manifests.glob("*.json")):
             try:
-                out.append(ModelManifest.from_dict(json.loads(p.read_text())))
+                manifest = ModelManifest.from_dict(json.loads(p.read_text()))
             except (OSError, ValueError, TypeError) as e:
                 log.warning("skipping unreadable manifest %s: %s", p.name, e)
+                continue
+            if kind is None or manifest.kind == kind:
+                out.append(manifest)
         return out
 
     def get(self, name: str) -> ModelManifest:
@@ -186,13 +215,19 @@ class ModelStore:
         license: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         partial: Path | None = None,
+        kind: str | None = None,
     ) -> ModelManifest:
         """Stream bytes into .staging while hashing, verify, then commit blob and manifest atomically.
 
         `partial` makes the import resumable (peer pulls): the bytes go to that file (on the store's filesystem,
         outside .staging, which start-up empties) after what it already holds, and it is kept when `chunks` breaks
         off; a later call with the rest resumes it. It is deleted once the import is committed or refused.
+
+        `kind` None takes what the bytes are (a GGUF, or a speech bundle, which says its kind); "llm" accepts only a
+        GGUF, "stt"/"tts" only a bundle of that kind. Sticks and peers pass none, so they carry every kind alike.
         """
+        if kind is not None and kind not in KINDS:
+            raise StoreError(f"unknown model kind {kind!r}: one of {', '.join(KINDS)}")
         if not valid_name(name):
             raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ : - (at most 128)")
         if expected_sha256 is not None:
@@ -216,19 +251,25 @@ class ModelStore:
                 raise StoreError(f"size mismatch: expected {expected_size} bytes, got {size}")
             if expected_sha256 is not None and digest != expected_sha256:
                 raise StoreError(f"sha256 mismatch: expected {expected_sha256}, got {digest}")
-            try:
-                info = read_gguf_info(staged)
-            except GgufError as e:
-                raise StoreError(f"not a usable GGUF model: {e}") from None
+            described = _describe(staged, kind)
             existing = self.find(name)
             if existing and existing.sha256 != digest:
                 raise StoreError(f"name {name!r} is already used by another model (sha256 {existing.sha256[:12]}…)")
-            manifest = ModelManifest(
-                name=name, sha256=digest, size=size, architecture=info.architecture,
-                quantization=info.quantization, context_length=info.context_length,
-                has_chat_template=info.has_chat_template, hyperparameters=info.hyperparameters,
-                source=source, license=license, added=existing.added if existing else time.time(),
-            )
+            if isinstance(described, BundleInfo):
+                manifest = ModelManifest(
+                    name=name, sha256=digest, size=size, architecture=described.architecture,
+                    quantization=described.quantization, context_length=0, has_chat_template=False,
+                    source=source, license=license or described.license,
+                    added=existing.added if existing else time.time(), kind=described.kind,
+                    engine=described.engine, language=described.language,
+                )
+            else:
+                manifest = ModelManifest(
+                    name=name, sha256=digest, size=size, architecture=described.architecture,
+                    quantization=described.quantization, context_length=described.context_length,
+                    has_chat_template=described.has_chat_template, hyperparameters=described.hyperparameters,
+                    source=source, license=license, added=existing.added if existing else time.time(),
+                )
             self._commit_blob(staged, digest)
             self._write_manifest(manifest)
             return manifest
