@@ -146,6 +146,8 @@ def parse_manifest(data: bytes) -> list[StickModel]:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise StickError(f"{MANIFEST} is not valid JSON: {e}") from None
+    except RecursionError:  # "[[[[..." within the size bound: deeper than any manifest, and than Python's stack
+        raise StickError(f"{MANIFEST} is nested too deeply to be a manifest") from None
     if not isinstance(doc, dict):
         raise StickError(f"{MANIFEST}: the top level must be an object")
     if doc.get("format") != FORMAT_VERSION or isinstance(doc.get("format"), bool):
