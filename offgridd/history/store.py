@@ -25,6 +25,7 @@ from .records import (
     Conversation,
     ConversationNotFound,
     ConversationPage,
+    HistoryFull,
     ImportReport,
     InvalidHistory,
     Message,
@@ -301,8 +302,21 @@ class ConversationStore:
     async def import_browser(self, saved: object, *, owner: str | None) -> ImportReport:
         """Import what the UI kept in localStorage ("offgrid.conversations"); each conversation once, by its id."""
         found, rejected = parse_browser_storage(saved)
-        return await self._run(import_browser_conversations, found, rejected=rejected, owner=owner,
-                               max_bytes=self.max_bytes)
+        check_owner(owner)
+        imported: dict[str, str] = {}
+        already: dict[str, str] = {}
+        # one conversation per turn on the database thread, so searches and other writes are not held up behind a
+        # large import
+        for i, conversation in enumerate(found):
+            try:
+                report = await self._run(import_browser_conversations, [conversation], owner=owner,
+                                         max_bytes=self.max_bytes)
+            except HistoryFull as e:  # what went in stays; the rest is reported, to be sent again once there is room
+                rejected += tuple(f"conversation {c.client_id!r}: {e}" for c in found[i:])
+                break
+            imported |= report.imported
+            already |= report.already
+        return ImportReport(imported=imported, already=already, rejected=rejected)
 
     async def size(self) -> DatabaseSize:
         return await self._run(database_size)
