@@ -26,6 +26,7 @@ from .runtime import Runtime
 from .settings import Settings, loopback_for
 from .store import ModelStore, StoreError, register_builtin
 from .usb.watcher import UsbWatcher
+from .voice import VoiceService
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
     if settings.peers.enabled:
         rt.peers = PeerService(settings, store, rt.jobs, metrics, bus,
                                load=lambda: (inference.active, inference.waiting))
+    if settings.voice.enabled:  # speech takes its turn in the same queue as chat
+        rt.voice = VoiceService(settings.voice, store, admission.ticket, inference.idle,
+                                wait_limit=settings.queue_timeout)
     return rt
 
 

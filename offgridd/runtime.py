@@ -19,6 +19,7 @@ from .peers import PeerService
 from .settings import Settings
 from .store import ModelStore
 from .usb.watcher import UsbWatcher
+from .voice import VoiceService
 
 
 class Service(Protocol):
@@ -48,6 +49,7 @@ class Runtime:
     hardware: HardwareService | None = None  # None where disabled (no board profile) ...
     usb: UsbWatcher | None = None
     peers: PeerService | None = None
+    voice: VoiceService | None = None
     running: list[Service] = field(default_factory=list)  # ... or not running: it failed to start
     started_at: float = field(default_factory=time.time)
     phase: str = "starting"  # starting | loading | ready | unavailable (no model can be served) | stopping
@@ -60,7 +62,7 @@ class Runtime:
     @property
     def services(self) -> list[Service]:
         """The services this box is configured to run, started or not, in start order."""
-        return [s for s in (self.hardware, self.usb, self.peers) if s is not None]
+        return [s for s in (self.hardware, self.usb, self.peers, self.voice) if s is not None]
 
     def admit(self, model: str | None) -> str:
         """The model to serve for a request; refused (as Overloaded, so a peer may take it) while starting,

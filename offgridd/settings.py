@@ -65,6 +65,19 @@ class HardwareSettings:
 
 
 @dataclass(slots=True, kw_only=True)
+class VoiceSettings:
+    enabled: bool = True  # /v1/audio/*: speech to text and text to speech
+    stt_model: str = "whisper-tiny.en"  # what whisper-1 (and no model) means
+    tts_model: str = "piper-joe-medium"  # what tts-1 and tts-1-hd (and no model) mean
+    beside_decoding: bool = True  # speech may run while a chat decodes; small boards' profiles say false
+    preload: bool = False  # register and load the default speech models at start, not at their first use
+    threads: int = 0  # threads per speech request; 0: one per physical core
+    max_upload_bytes: int = 25 << 20  # OpenAI's limit for a transcription upload
+    max_audio_seconds: float = 600.0  # longer recordings are refused, not queued for minutes
+    max_input_chars: int = 4096  # OpenAI's limit for text to speak
+
+
+@dataclass(slots=True, kw_only=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 11611
@@ -92,6 +105,7 @@ class Settings:
     usb: UsbSettings = dataclasses.field(default_factory=UsbSettings)
     peers: PeerSettings = dataclasses.field(default_factory=PeerSettings)
     hardware: HardwareSettings = dataclasses.field(default_factory=HardwareSettings)
+    voice: VoiceSettings = dataclasses.field(default_factory=VoiceSettings)
 
     def validate(self) -> None:
         checks = {
@@ -122,6 +136,10 @@ class Settings:
             "hardware.critical_c": self.hardware.critical_c > self.hardware.throttle_c,
             "hardware.memory_ok": 0 < self.hardware.low_memory < self.hardware.memory_ok < 1,
             "hardware.button_action": self.hardware.button_action in ("shutdown", "none"),
+            "voice.threads": 0 <= self.voice.threads <= 256,
+            "voice.max_upload_bytes": self.voice.max_upload_bytes >= 1024,
+            "voice.max_audio_seconds": self.voice.max_audio_seconds > 0,
+            "voice.max_input_chars": self.voice.max_input_chars >= 1,
         }
         for key, ok in checks.items():
             if not ok:

@@ -12,9 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent / "offgridd"
 LAYERS = {
     "entry": ["offgridd.__main__", "offgridd.cli", "offgridd.daemon", "offgridd.doctor"],
     "http": ["offgridd.web", "offgridd.api", "offgridd.ui", "offgridd.usb.routes", "offgridd.peers.http",
-             "offgridd.peers.routing", "offgridd.peers.routes"],
+             "offgridd.peers.routing", "offgridd.peers.routes",
+             "offgridd.voice.routes"],
     "appliance": ["offgridd.runtime", "offgridd.status"],
-    "subsystem": ["offgridd.inference", "offgridd.hardware", "offgridd.usb", "offgridd.peers", "offgridd.history"],
+    "subsystem": ["offgridd.inference", "offgridd.hardware", "offgridd.usb", "offgridd.peers", "offgridd.history",
+                  "offgridd.voice"],
     "foundation": ["offgridd", "offgridd.store", "offgridd.settings", "offgridd.events", "offgridd.db",
                    "offgridd.jobs", "offgridd.metrics", "offgridd.logs", "offgridd.notify", "offgridd.engine_build"],
 }

@@ -9,6 +9,7 @@ from .. import ui
 from ..peers import routes as peers
 from ..runtime import Runtime
 from ..usb import routes as usb
+from ..voice import routes as voice
 from ..web import SETTINGS, error_middleware, require_api_key
 from . import health, native, openai
 from .keys import RUNTIME
@@ -53,5 +54,6 @@ def init_app(rt: Runtime) -> web.Application:
     setup_routes(app)
     usb.setup_routes(app, rt.usb)
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
+    voice.setup_routes(app, rt.voice)
     ui.setup_routes(app)
     return app

@@ -37,7 +37,7 @@ async def get_model(request: web.Request) -> web.Response:
 def _model_card(m) -> dict:
     return {"id": m.name, "object": "model", "created": int(m.added), "owned_by": "offgridd",
             "quantization": m.quantization, "architecture": m.architecture, "context_length": m.context_length,
-            "size": m.size}
+            "size": m.size, "kind": m.kind}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

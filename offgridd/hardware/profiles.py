@@ -19,7 +19,10 @@ SETTINGS_KEYS = {
     ("run", "queue_depth"): "queue_depth", ("run", "keep_alive"): "keep_alive",
     ("thermal", "throttle_c"): "hardware.throttle_c", ("thermal", "critical_c"): "hardware.critical_c",
     ("gpio", "led"): "hardware.led_pin", ("gpio", "button"): "hardware.button_pin",
+    ("voice", "enabled"): "voice.enabled", ("voice", "stt_model"): "voice.stt_model",
+    ("voice", "tts_model"): "voice.tts_model", ("voice", "beside_decoding"): "voice.beside_decoding",
 }
+TABLES = ("run", "thermal", "gpio", "voice")
 MATCH_KEYS = ("device_tree_model", "nv_tegra_release", "mem_mb", "arch", "cpu_flags")
 
 
@@ -33,7 +36,7 @@ class Profile:
     name: str
     generic: bool
     match: dict
-    values: dict  # the profile's [run]/[thermal]/[gpio] tables
+    values: dict  # the profile's [run]/[thermal]/[gpio]/[voice] tables
     path: Path
 
     def settings_layer(self) -> dict:
@@ -79,14 +82,14 @@ def load_profiles(directory: Path) -> list[Profile]:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ProfileError(f"profile {path.name}: {e}") from None
         unknown = set(data.get("match", {})) - set(MATCH_KEYS)
-        unknown |= {f"{t}.{k}" for t in ("run", "thermal", "gpio") for k in data.get(t, {})
+        unknown |= {f"{t}.{k}" for t in TABLES for k in data.get(t, {})
                     if (t, k) not in SETTINGS_KEYS}
         if unknown or "id" not in data:
             raise ProfileError(f"profile {path.name}: unknown keys {sorted(unknown)}" if unknown else
                                f"profile {path.name}: no id")
         out.append(Profile(id=data["id"], name=data.get("name", data["id"]), generic=bool(data.get("generic")),
                            match=data.get("match", {}),
-                           values={t: data.get(t, {}) for t in ("run", "thermal", "gpio")}, path=path))
+                           values={t: data.get(t, {}) for t in TABLES}, path=path))
     return out
 
 
