@@ -36,6 +36,7 @@ from offgridd.history import (
     to_json,
     to_markdown,
 )
+from offgridd.history.records import scope_token
 from offgridd.history.schema import ensure_schema
 from offgridd.history.search import search
 from offgridd.history.store import (
@@ -167,6 +168,10 @@ async def test_each_key_sees_only_its_own_conversations_and_the_admin_sees_all(s
     assert {h.conversation_id for h in await store.search("pump", owner="bob")} == {bob.id}
     assert {h.conversation_id for h in await store.search("pump", owner=None)} == {nobody.id}
     assert {h.conversation_id for h in await store.search("pump", owner=EVERYONE)} == {alice.id, bob.id, nobody.id}
+    for token in (scope_token(None), scope_token("bob"), f"scope:{scope_token('bob')}"):
+        assert await store.search(token, owner="bob") == ()  # the owner's token in the index is not content
+        assert await store.search(token, owner=None) == ()
+        assert await store.search(token, owner=EVERYONE) == ()
     for not_an_owner in (EVERYONE, "", 42):
         with pytest.raises(InvalidHistory, match="one owner"):
             await store.create(owner=not_an_owner)

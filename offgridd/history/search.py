@@ -74,7 +74,9 @@ def search(db: sqlite_utils.Database, text: str, *, owner: Owner, limit: int = 2
         return ()
     limit = max(1, min(int(limit), MAX_HITS))
     where, params = owner_clause(owner, "c.owner")
-    match = query if owner is EVERYONE else f'scope : "{scope_token(owner)}" AND ({query})'
+    # the person's words are looked for in the content only: "k" or an owner's token must not match the scope column
+    words = f"content : ({query})"
+    match = words if owner is EVERYONE else f'scope : "{scope_token(owner)}" AND {words}'
     # bm25 costs about 1.3 µs per matching row here: a word in most of 100,000 messages took 80 ms to rank. Past
     # RANK_WINDOW matches only the newest RANK_WINDOW are ranked (finding where they start takes under 1 ms).
     floor = db.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
