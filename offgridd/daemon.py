@@ -13,12 +13,14 @@ from aiohttp import web
 
 from . import status
 from .api.app import init_app
+from .audit import Audit
 from .db import Database
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
 from .inference import Admission, Inference, InferenceError, ModelPool
 from .jobs import JobBoard
+from .keys import KeyRing
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .peers import PeerService
@@ -27,10 +29,14 @@ from .settings import Settings, loopback_for
 from .store import ModelStore, StoreError, register_builtin
 from .usb.watcher import UsbWatcher
 from .voice import VoiceService
+from .web import limit_connections
 
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 5.0
+KEEPALIVE_S = 15.0  # an idle connection is closed after this long (aiohttp's handler would keep it an hour)
+MAX_CONNECTIONS = 512  # in all: well under the unit's LimitNOFILE, with room for models, workers and the database
+MAX_CONNECTIONS_PER_CLIENT = 64
 
 
 def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
@@ -43,7 +49,8 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
                           on_reject=lambda reason: metrics.rejected.labels(reason).inc())
     inference = Inference(ModelPool(store, settings, metrics), admission, metrics)
     rt = Runtime(settings=settings, store=store, inference=inference, metrics=metrics, db=db, bus=bus,
-                 jobs=JobBoard(db, bus), detection=detection)
+                 jobs=JobBoard(db, bus), keys=KeyRing(db, settings.api_key, settings.admin_key), audit=Audit(db),
+                 detection=detection)
     if detection is not None:
         rt.hardware = HardwareService(settings, detection, inference, metrics, bus,
                                       on_long_press=rt.stop_requested.set,
@@ -130,8 +137,10 @@ async def serve(settings: Settings, detection: Detection | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    runner = web.AppRunner(init_app(rt), handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    runner = web.AppRunner(init_app(rt), handler_cancellation=True, shutdown_timeout=1.0, access_log=None,
+                           keepalive_timeout=KEEPALIVE_S)
     await runner.setup()
+    limit_connections(runner.server, MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS)
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 SCHEMA = {
     "jobs": ({"id": str, "kind": str, "source": str, "model": str, "state": str, "bytes_done": int,
               "bytes_total": int, "started": float, "finished": float, "reason": str}, "id"),
+    "keys": ({"name": str, "hash": str, "scope": str, "rpm": int, "tpm": int, "created": float, "last_used": float},
+             "name"),
+    "audit": ({"id": int, "time": float, "action": str, "key": str, "client": str, "outcome": str, "detail": str},
+              "id"),
 }
 
 
@@ -35,6 +39,8 @@ class Database:
             self._db.execute("PRAGMA journal_mode=WAL")
             for name, (columns, pk) in SCHEMA.items():
                 self._db[name].create(columns, pk=pk, if_not_exists=True)
+            self._db["keys"].create_index(["hash"], unique=True, if_not_exists=True)
+            self._db["audit"].create_index(["time"], if_not_exists=True)
         return self._db
 
     def submit(self, fn: Callable[[sqlite_utils.Database], T], what: str = "a database write"):

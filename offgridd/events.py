@@ -24,6 +24,10 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 

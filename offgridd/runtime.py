@@ -8,12 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .audit import Audit
 from .db import Database
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
 from .inference import Inference, Overloaded
 from .jobs import JobBoard
+from .keys import KeyRing
 from .metrics import Metrics
 from .peers import PeerService
 from .settings import Settings
@@ -45,6 +47,8 @@ class Runtime:
     db: Database
     bus: EventBus
     jobs: JobBoard
+    keys: KeyRing
+    audit: Audit
     detection: Detection | None = None  # the board profile and why it was chosen
     hardware: HardwareService | None = None  # None where disabled (no board profile) ...
     usb: UsbWatcher | None = None

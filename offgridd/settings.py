@@ -99,6 +99,7 @@ class Settings:
     api_key: str | None = None  # when set, /v1/* and /api/* need "Authorization: Bearer <key>"
     admin_key: str | None = None  # when set, state-changing /api/* calls need "Authorization: Bearer <admin key>"
     max_body_bytes: int = 4 << 20
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # names besides IPs, localhost, *.local
     drain_seconds: float = 10.0
     worker_start_timeout: float = 300.0
     log_level: str = "info"

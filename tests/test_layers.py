@@ -18,7 +18,8 @@ LAYERS = {
     "subsystem": ["offgridd.inference", "offgridd.hardware", "offgridd.usb", "offgridd.peers", "offgridd.history",
                   "offgridd.voice"],
     "foundation": ["offgridd", "offgridd.store", "offgridd.settings", "offgridd.events", "offgridd.db",
-                   "offgridd.jobs", "offgridd.metrics", "offgridd.logs", "offgridd.notify", "offgridd.engine_build"],
+                   "offgridd.jobs", "offgridd.metrics", "offgridd.logs", "offgridd.notify", "offgridd.engine_build",
+                   "offgridd.keys", "offgridd.audit"],
 }
 ORDER = list(LAYERS)  # top first
 
@@ -60,7 +61,8 @@ def layer_of(name: str) -> str:
     best, layer = -1, None
     for candidate, prefixes in LAYERS.items():
         for prefix in prefixes:
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            within = name.startswith(prefix + ".") and prefix != "offgridd"  # the package root is one module
+            if (name == prefix or within) and len(prefix) > best:
                 best, layer = len(prefix), candidate
     return layer
 

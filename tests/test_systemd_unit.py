@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from offgridd.daemon import MAX_CONNECTIONS
+from offgridd.settings import Settings
+from offgridd.usb.watcher import STOP_WAIT_S
+
+REAP_S = 5.0  # how long InferenceWorker._reap waits for a terminated worker before SIGKILL
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "offgridd.service"
 SYSUSERS = SYSTEMD_DIR / "offgridd.sysusers.conf"
 SHIPPED_EXEC = "/opt/offgridd/venv/bin/offgridd"
-MAX_EXPOSURE = 2.0
+MAX_EXPOSURE = 1.5
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
@@ -126,8 +131,16 @@ def test_crashed_or_hung_daemon_is_restarted():
 def test_first_start_has_time_to_register_the_builtin_model_and_stop_has_time_to_drain():
     assert seconds(last("TimeoutStartSec")) >= 300
     stop = seconds(last("TimeoutStopSec"))
-    assert 10 < stop <= 60  # above the daemon's ~10 s drain bound
+    # the longest stop path: drain, a USB copy cleaning up, the worker's reap, the HTTP server's shutdown
+    longest = Settings().drain_seconds + STOP_WAIT_S + REAP_S + 1.0
+    assert longest < stop <= 90, (longest, stop)
     assert last("KillMode") == "mixed"  # SIGTERM to the daemon only; the worker finishes in-flight requests
+
+
+def test_resources_are_bounded_for_the_connections_the_daemon_keeps():
+    assert int(last("LimitNOFILE")) >= 4 * MAX_CONNECTIONS  # connections, model files, the worker, sqlite
+    assert 128 <= int(last("TasksMax")) <= 4096
+    assert re.fullmatch(r"\d+%", last("MemoryMax")) and 50 <= int(last("MemoryMax")[:-1]) < 100
 
 
 def test_daemon_runs_as_the_dedicated_offgridd_user_with_persistent_state():

@@ -10,8 +10,8 @@ from ..peers import routes as peers
 from ..runtime import Runtime
 from ..usb import routes as usb
 from ..voice import routes as voice
-from ..web import SETTINGS, error_middleware, require_api_key
-from . import health, native, openai
+from ..web import AUDIT, HOSTS, KEYS, SETTINGS, HostNames, authorize, check_host, error_middleware
+from . import admin, health, native, openai
 from .keys import RUNTIME
 
 
@@ -39,6 +39,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/models/{name}", native.delete_model)
     app.router.add_get("/api/v1/jobs", native.list_jobs)
     app.router.add_get("/api/v1/events", native.events)
+    app.router.add_get("/api/v1/keys", admin.list_keys)
+    app.router.add_post("/api/v1/keys", admin.add_key)
+    app.router.add_delete("/api/v1/keys/{name}", admin.revoke_key)
+    app.router.add_get("/api/v1/audit", admin.audit)
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/v1/models/{name}", openai.get_model)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
@@ -48,9 +52,12 @@ def setup_routes(app: web.Application) -> None:
 
 def init_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=rt.settings.max_body_bytes,
-                          middlewares=[count_requests, error_middleware, require_api_key])
+                          middlewares=[count_requests, error_middleware, check_host, authorize])
     app[RUNTIME] = rt
     app[SETTINGS] = rt.settings
+    app[KEYS] = rt.keys
+    app[HOSTS] = HostNames(rt.settings.allowed_hosts)
+    app[AUDIT] = rt.audit
     setup_routes(app)
     usb.setup_routes(app, rt.usb)
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)

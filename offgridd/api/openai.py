@@ -14,7 +14,7 @@ from aiohttp import web
 from .. import __version__
 from ..inference import Done, Generation, InferenceError, Overloaded, Token
 from ..store import UnknownModel
-from ..web import ELSEWHERE, ApiError, as_api_error, error_body, read_json
+from ..web import ELSEWHERE, ApiError, as_api_error, charge, error_body, read_json
 from .keys import RUNTIME
 from .schemas import GenerationRequest, parse_chat, parse_completion, parse_embeddings
 
@@ -64,6 +64,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     except (UnknownModel, Overloaded) as e:
         return await _elsewhere(request, model, e)
     n = result.prompt_tokens
+    charge(request, n)
     return web.json_response({
         "object": "list", "model": result.model, "usage": {"prompt_tokens": n, "total_tokens": n},
         "data": [{"object": "embedding", "index": i, "embedding": _b64(v) if as_base64 else v}
@@ -83,16 +84,24 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool) ->
     except (UnknownModel, Overloaded) as e:
         return await _elsewhere(request, req.model, e)
     async with generation:  # errors from here on come from a request the worker started
-        shape = _Shape(generation.model, chat, req.params.get("n") or 1)
-        if req.stream:
-            return await _stream(request, generation, shape, req.include_usage)
-        texts: list[list[str]] = [[] for _ in range(shape.n)]
-        async for event in generation:
-            if isinstance(event, Token):
-                texts[event.index].append(event.text)
-        if generation.done is None:
-            raise ApiError(500, "the worker ended the request without finishing it")
-        return web.json_response(shape.whole(["".join(t) for t in texts], generation.done))
+        try:
+            return await _answer(request, req, chat, generation)
+        finally:
+            if (done := generation.done) is not None:
+                charge(request, done.prompt_tokens + done.completion_tokens)
+
+
+async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation):
+    shape = _Shape(generation.model, chat, req.params.get("n") or 1)
+    if req.stream:
+        return await _stream(request, generation, shape, req.include_usage)
+    texts: list[list[str]] = [[] for _ in range(shape.n)]
+    async for event in generation:
+        if isinstance(event, Token):
+            texts[event.index].append(event.text)
+    if generation.done is None:
+        raise ApiError(500, "the worker ended the request without finishing it")
+    return web.json_response(shape.whole(["".join(t) for t in texts], generation.done))
 
 
 async def _stream(request: web.Request, generation: Generation, shape: _Shape, include_usage: bool):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..web import ApiError
 
 MAX_STOPS = 8
+MAX_MESSAGES = 1024
+MAX_PARTS = 64  # text parts in one message's content
 MAX_CHOICES = 8  # OpenAI's n: choices decoded together as sequences of one prompt
 MAX_EMBED_INPUTS = 256
 ROLES = ("system", "developer", "user", "assistant")
@@ -40,15 +42,26 @@ def _model(body: dict) -> str | None:
     return model
 
 
+def unicode(text: str, param: str) -> str:
+    """Text that can be encoded: JSON's \\ud800 escapes can make a lone surrogate, which is no character."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, f"'{param}' holds a lone surrogate (\\ud800-\\udfff), which is not text",
+                           param=param) from None
+    return text
+
+
 def _text(value: object, param: str) -> str:
     """Message content: a string, or a list of text parts."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        return unicode(value, param)
+    if isinstance(value, list) and len(value) <= MAX_PARTS and all(isinstance(p, dict) for p in value):
         if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in value):
             raise ApiError(400, f"'{param}' may only hold text parts on this server", param=param)
-        return "".join(p["text"] for p in value)
-    raise ApiError(400, f"'{param}' must be a string or a list of text parts", param=param)
+        return unicode("".join(p["text"] for p in value), param)
+    raise ApiError(400, f"'{param}' must be a string or a list of at most {MAX_PARTS} text parts", param=param)
 
 
 def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> GenerationRequest:
@@ -67,6 +80,8 @@ def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> Gene
                              or not all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings",
                        param="stop")
+    for stop_string in stop or ():
+        unicode(stop_string, "stop")
     max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
@@ -98,8 +113,8 @@ def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> Gene
 
 def parse_chat(body: dict) -> GenerationRequest:
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' must be a list of 1 to {MAX_MESSAGES} messages", param="messages")
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -116,6 +131,7 @@ def parse_completion(body: dict) -> GenerationRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (or a list holding one string)", param="prompt")
+    unicode(prompt, "prompt")
     if body.get("echo"):
         raise ApiError(400, "echo is not supported by this server", param="echo")
     return _common(body, prompt, None)
@@ -128,6 +144,8 @@ def parse_embeddings(body: dict) -> tuple[str | None, list[str], bool]:
         raise ApiError(400, "'input' must be a non-empty string or a list of non-empty strings", param="input")
     if len(inputs) > MAX_EMBED_INPUTS:
         raise ApiError(400, f"'input' may hold at most {MAX_EMBED_INPUTS} strings", param="input")
+    for text in inputs:
+        unicode(text, "input")
     if body.get("encoding_format") not in (None, "float", "base64"):
         raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     return _model(body), inputs, body.get("encoding_format") == "base64"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..settings import SettingsError
-from . import chat, doctor, fleet, models, peers, profile, serve, usb
+from . import chat, doctor, fleet, keys, models, peers, profile, serve, usb
 from .common import common_parser
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     usb.add_commands(sub, common, models.add_commands(sub, common))
     peers.add_commands(sub, common)
     fleet.add_commands(sub, common)
+    keys.add_commands(sub, common)
     profile.add_commands(sub, common)
     doctor.add_commands(sub, common)
     chat.add_commands(sub, common)

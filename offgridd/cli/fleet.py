@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .common import settings
+from .keys import record
 
 
 def cmd_fleet_key(args: argparse.Namespace) -> int:
@@ -28,8 +29,10 @@ def cmd_fleet_join(args: argparse.Namespace) -> int:
     try:
         identity = join_fleet(settings(args).state, args.key)
     except (FleetKeyError, OSError) as e:
+        record(args, "fleet join", f"refused: {e}")
         print(f"not joined: {e}", file=sys.stderr)
         return 1
+    record(args, "fleet join", "done", f"fleet {identity.key_fingerprint}")
     print(f"joined fleet {identity.key_fingerprint}; a running daemon picks the key up within one announcement "
           "interval")
     return 0
@@ -41,8 +44,10 @@ def cmd_fleet_rotate(args: argparse.Namespace) -> int:
     try:
         identity = rotate_fleet_key(settings(args).state)
     except (FleetKeyError, OSError) as e:
+        record(args, "fleet rotate", f"refused: {e}")
         print(f"not rotated: {e}", file=sys.stderr)
         return 1
+    record(args, "fleet rotate", "done", f"fleet {identity.key_fingerprint}")
     print(identity.fleet_key.hex())
     print(f"new fleet {identity.key_fingerprint}: this box now accepts only the new key, and the others see it "
           f"again once they run: offgridd fleet join {identity.fleet_key.hex()}", file=sys.stderr)

@@ -76,7 +76,8 @@ def valid_challenge(text: str) -> bool:
 
 
 def _mac(key: bytes, *parts: str) -> str:
-    return hmac.new(key, "\n".join(parts).encode(), hashlib.sha256).hexdigest()
+    # a path or header that was not UTF-8 on the wire is signed as the bytes it was
+    return hmac.new(key, "\n".join(parts).encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
 
 
 def sign_request(key: bytes, *, node: str, boot: int, seq: int, to_node: str, to_boot: int, method: str, path: str,
@@ -93,7 +94,7 @@ def verify_request(key: bytes, header: str, *, me: str, my_boot: int, method: st
     """The verified call, or ExchangeRefused saying why it is refused."""
     parts = header.split(" ")
     if (len(parts) != 8 or parts[0] != "v2" or not NODE_RE.fullmatch(parts[1]) or not NODE_RE.fullmatch(parts[4])
-            or not all(p.isdigit() and len(p) < 20 for p in (parts[2], parts[3], parts[5]))
+            or not all(p.isascii() and p.isdigit() and len(p) < 20 for p in (parts[2], parts[3], parts[5]))
             or not _HEX24.fullmatch(parts[6]) or not _HEX64.fullmatch(parts[7])):
         raise ExchangeRefused("signature", f"missing or malformed {REQUEST_HEADER} header (protocol version 2)")
     _, node, boot, seq, to_node, to_boot, nonce, mac = parts

@@ -81,6 +81,7 @@ class UsbWatcher:
         self._cancel = threading.Event()
         self._running: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
+        self._imports: set[asyncio.Future] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,7 +174,14 @@ class UsbWatcher:
                 log.exception("importing from %s failed", mount.path)
 
     async def import_path(self, path: Path) -> StickReport:
-        """Import a mounted stick (or any directory in the stick format); one stick at a time."""
+        """Import a mounted stick (or any directory in the stick format); one stick at a time. A caller that goes
+        away (an HTTP client that disconnects) stops waiting, but the import runs on, holding the lock, to its end."""
+        task = asyncio.ensure_future(self._import_path(path))
+        self._imports.add(task)
+        task.add_done_callback(self._imports.discard)
+        return await asyncio.shield(task)
+
+    async def _import_path(self, path: Path) -> StickReport:
         loop = asyncio.get_running_loop()
         async with self._lock:
             self.importing = str(path)

@@ -53,8 +53,9 @@ def _existing_models(target: Path) -> list[StickModel]:
 
 def _copy_hashing(src: Path, dest: Path, on_progress: Callable[[int], None] | None) -> str:
     partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)  # a link left there is removed, never followed: "xb" creates a new file only
     try:
-        digest, _ = write_hashing(partial, file_chunks(src), mode="wb", on_progress=on_progress)
+        digest, _ = write_hashing(partial, file_chunks(src), mode="xb", on_progress=on_progress)
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
@@ -115,7 +116,8 @@ def _write_manifest(target: Path, models: list[StickModel]) -> None:
            "models": [m.to_dict() for m in models]}
     path = target / MANIFEST
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "x") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
         f.flush()

@@ -158,7 +158,7 @@ async function call(path, { method = "GET", body, admin = false, signal, raw = f
     const err = await errorFrom(resp);
     if (resp.status === 401 && await askKey("api", "This appliance needs its API key: " + err.message)) continue;
     if (resp.status === 403 && err.code === "admin_key_required"
-        && await askKey("admin", "Only the owner can do this: enter the admin key.")) continue;
+        && await askKey("admin", "Only the owner can do this. " + err.message)) continue;
     throw err;
   }
 }
