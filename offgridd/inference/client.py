@@ -31,6 +31,10 @@ CRASH_LIMIT = 3  # this many crashes ...
 CRASH_WINDOW_S = 120.0  # ... within this window mark the model bad
 STOP_GRACE_S = 10.0  # a worker asked to stop that is still there after this is killed
 STALL_S = 60.0  # a worker silent this long while it owes a request a frame is stuck (native code, a looping template)
+# The worker sends nothing while it evaluates a prompt alone (one llama_decode per n_batch tokens): 3,691 tokens took
+# 27.7 s on gemma3-270m here, and a 7B model on a Pi 4 is ~50x slower. Until it reports progress, a prompt being
+# evaluated (or inputs being embedded) extends the silence allowed by its tokens at this assumed slowest rate.
+PREFILL_FLOOR_TPS = 2.0
 ENGINE_BUG = "ggml-org/llama.cpp#20824"  # repacked (AMX) kernels that crash llama_decode on some Xeons
 
 
@@ -139,6 +143,7 @@ class InferenceWorker:
         self._setback = asyncio.Event()  # the last spawn failed: requests get a 503 now instead of waiting
         self._retry_after = BACKOFF_FIRST_S
         self._open: set[int] = set()  # requests the worker owes a frame: sent, their last frame not received
+        self._allowance: dict[int, float] = {}  # request -> extra silence allowed while its prompt is evaluated
         self._heard = time.monotonic()  # the worker's last frame, or the moment it started owing one
         self._stalled = ""
 
@@ -288,6 +293,7 @@ class InferenceWorker:
             watch.cancel()
             owed = bool(self._open)
             self._open.clear()
+            self._allowance.clear()
             self._ready.clear()
             try:
                 self._link.transport.close()
@@ -303,10 +309,11 @@ class InferenceWorker:
 
     async def _watch(self, spawned: float) -> None:
         """Kill a worker that hangs: silent too long while it owes a request a frame, or never ready."""
-        limit = self.config.stall_timeout
+        stall = self.config.stall_timeout
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
+            await asyncio.sleep(min(1.0, stall / 4))
             now = time.monotonic()
+            limit = stall + sum(self._allowance.values())
             if self._loaded and self._open and now - self._heard > limit:
                 self._stalled = (f"the worker sent nothing for {now - self._heard:.0f}s while serving "
                                  f"{len(self._open)} request(s): stuck in native code or in a chat template; killed")
@@ -320,6 +327,10 @@ class InferenceWorker:
 
     def _on_frame(self, frame: dict) -> None:
         self._heard = time.monotonic()
+        if frame["op"] == "start" and frame.get("id") in self._open:  # its prompt is evaluated now, silently
+            self._allowance[frame["id"]] = frame.get("prompt_tokens", 0) / PREFILL_FLOOR_TPS
+        elif frame["op"] in ("token", "done", "error", "embedding"):
+            self._allowance.pop(frame.get("id"), None)
         if frame["op"] in ("done", "error", "embedding"):
             self._open.discard(frame.get("id"))
         if frame["op"] == "loaded":
@@ -367,6 +378,9 @@ class InferenceWorker:
                     self._heard = time.monotonic()
                 self._send({**frame, "id": rid})
                 self._open.add(rid)
+                if frame.get("op") == "embed":  # no frame until all are embedded, after a first load of the embedder
+                    chars = sum(len(s) for s in frame.get("input") or () if isinstance(s, str))
+                    self._allowance[rid] = self.config.start_timeout + chars / PREFILL_FLOOR_TPS
                 while True:
                     msg = await q.get()
                     if msg is _CLOSED:
