@@ -436,3 +436,16 @@ def test_a_transcription_while_a_chat_holds_the_only_slot_gets_503_with_retry_af
             if e.status_code != 503 or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_each_board_profile_says_whether_it_speaks_and_whether_beside_decoding():
+    from offgridd.hardware.profiles import load_profiles, profiles_dir
+    from offgridd.settings import load_settings
+
+    profiles = {p.id: p for p in load_profiles(profiles_dir(None))}
+    assert all("voice" in p.values and p.values["voice"] for p in profiles.values())
+    zero = load_settings(env={}, base=profiles["pi-zero-2w"].settings_layer(), config=None)
+    assert zero.voice.enabled is False
+    pi4 = load_settings(env={}, base=profiles["pi4-2gb"].settings_layer())
+    assert pi4.voice.enabled and not pi4.voice.beside_decoding and pi4.voice.stt_model == "whisper-tiny.en"
+    assert load_settings(env={}, base=profiles["generic-x86_64"].settings_layer()).voice.beside_decoding
