@@ -16,7 +16,14 @@ import time
 import pytest
 
 from offgridd.inference import client as client_module
-from offgridd.inference.client import InferenceWorker, Overloaded, WorkerConfig, WorkerCrashed, describe_exit
+from offgridd.inference.client import (
+    InferenceError,
+    InferenceWorker,
+    Overloaded,
+    WorkerConfig,
+    WorkerCrashed,
+    describe_exit,
+)
 from offgridd.store import ModelStore
 
 LONG = {"op": "generate", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
@@ -191,4 +198,33 @@ async def test_a_worker_killed_by_a_real_time_signal_is_described_and_restarted(
     await w.worker.wait_ready(60)
     assert w.worker.pid != pid and w.restarted == 1 and w.failed == []
     assert await answer(w.worker, SHORT)
+    await w.worker.stop()
+
+
+async def restarted(worker: InferenceWorker, pid: int) -> None:
+    """Wait for a new worker process (not `pid`) to be ready."""
+    async with asyncio.timeout(60):
+        while True:
+            if worker.pid != pid and worker.state == "ready":
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_crashes_while_idle_never_mark_the_model_bad_but_three_during_its_requests_do(model_path, monkeypatch):
+    monkeypatch.setattr(client_module, "BACKOFF_FIRST_S", 0.05)
+    w = Watched(model_path)
+    await w.worker.start()
+    for _ in range(3):  # the OOM killer taking an idle worker is not the model's fault
+        pid = w.worker.pid
+        os.kill(pid, signal.SIGKILL)
+        await restarted(w.worker, pid)
+    assert w.failed == [] and w.restarted == 3
+    for crash in range(3):
+        pid = w.worker.pid
+        await interrupted(w.worker, lambda p: os.kill(p, signal.SIGSEGV))
+        if crash < 2:
+            await restarted(w.worker, pid)
+    with pytest.raises(InferenceError, match="crashed 3 times during requests"):
+        await w.worker.wait_ready(30)
+    assert w.worker.state == "failed" and len(w.failed) == 1 and "signal SIGSEGV" in w.failed[0]
     await w.worker.stop()
