@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 import msgpack
 import pytest
 from gguf_factory import _string, gguf_bytes
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from offgridd.peers.protocol import (
@@ -40,8 +40,10 @@ FUZZ = settings(deadline=5000, suppress_health_check=[HealthCheck.function_scope
 
 
 def count(fmt: str, kind: str) -> None:
+    """Count a class of input; a refusal no class names, or one only the GGUF safety net caught, is a finding."""
     SEEN[fmt][kind] += 1
     event(kind)
+    assert not kind.startswith(("other:", "UNEXPECTED")), f"{fmt}: {kind}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -166,8 +168,24 @@ def gguf_headers(draw) -> bytes:
     return data + bytes(-len(data) % 32 + draw(rarely(256, 0, 64, 4096)))
 
 
+def one_tensor_file(*kvs: tuple[str, int, bytes]) -> bytes:
+    """A file with these (key, type, payload) metadata and one small F32 tensor: every class is reached each run."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs))
+    out += b"".join(_string(k) + struct.pack("<I", t) + p for k, t, p in kvs)
+    out += _string("t0") + struct.pack("<IQIQ", 1, 16, 0, 0)
+    return out + bytes(-len(out) % 32 + 64)
+
+
+ARCH, CTX = ("general.architecture", STRING, _string("llama")), ("llama.context_length", UINT32, struct.pack("<I", 64))
+
+
 @settings(FUZZ, max_examples=600)
 @given(gguf_headers())
+@example(one_tensor_file(ARCH, CTX, ("general.alignment", UINT32, struct.pack("<I", 3))))
+@example(one_tensor_file(ARCH, CTX, ("general.alignment", STRING, _string("32"))))
+@example(one_tensor_file(("general.architecture", STRING, _string("a" * 5000)), CTX))
+@example(one_tensor_file(ARCH, CTX, ("x", ARRAY, struct.pack("<IQ", ARRAY, 1) * 100_000)))
+@example(one_tensor_file(ARCH, CTX))
 def test_gguf_structured_headers_raise_only_gguf_error(tmp_path, data):
     count("gguf", validate(tmp_path, data))
 
@@ -271,8 +289,20 @@ def manifests(draw) -> bytes:
     return draw(st.binary(max_size=256))
 
 
+def one_model(**change) -> bytes:
+    entry = {"name": "tiny", "file": "OFFGRID/m.gguf", "sha256": SHA, "size": 1024, "quantization": "Q4_K_M",
+             "license": "MIT", **change}
+    return json.dumps({"format": 1, "models": [entry]}).encode()
+
+
 @settings(FUZZ, max_examples=600)
 @given(manifests())
+@example(one_model(file="/etc/passwd"))
+@example(one_model(file="OFFGRID/../../etc/passwd"))
+@example(one_model(file="OFFGRID\\..\\m.gguf"))
+@example(b"[" * 100_000)
+@example(b" " * (MAX_MANIFEST_BYTES + 1))
+@example(one_model())
 def test_stick_manifests_raise_only_stick_error_and_paths_never_leave_the_stick(data):
     try:
         models = parse_manifest(data)
