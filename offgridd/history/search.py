@@ -19,7 +19,7 @@ MAX_TERMS = 16
 MAX_QUERY_CHARS = 500
 MAX_HITS = 100
 SNIPPET_TOKENS = 16
-RANK_WINDOW = 10_000  # the newest matching messages ranked by relevance; see search()
+RANK_WINDOW = 5_000  # the newest matching messages ranked by relevance; see search()
 WORDLIKE = re.compile(r"[^\W_]")
 # Private-use characters mark matches inside snippets; they are split out below, so no text is ever parsed as markup.
 OPEN, CLOSE = "\ue000", "\ue001"
