@@ -35,6 +35,7 @@ from offgridd.history import (
     render_export,
     to_json,
     to_markdown,
+    vacuum_periodically,
 )
 from offgridd.history.records import scope_token
 from offgridd.history.schema import ensure_schema
@@ -688,3 +689,19 @@ def test_an_import_killed_mid_write_keeps_each_conversation_whole_or_not_at_all(
         assert set(counts.values()) == {40}, "a conversation was kept in part"
         mine = {cid for cid in counts if cid.startswith(f"r{round_}n")}
         assert {f"r{round_}n{n}" for n in range(acked + 1)} <= mine <= {f"r{round_}n{n}" for n in range(acked + 2)}
+
+
+async def test_the_vacuum_schedule_runs_in_the_background_until_cancelled(store, database, caplog):
+    caplog.set_level(logging.INFO, logger="offgridd.history")
+    task = asyncio.create_task(vacuum_periodically(store, 0.05))
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await database.run(lambda db: db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+                break
+        assert await database.run(lambda db: db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert any("vacuumed offgridd.db (full)" in r.getMessage() for r in caplog.records)
