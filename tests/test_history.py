@@ -169,6 +169,11 @@ async def test_each_key_sees_only_its_own_conversations_and_the_admin_sees_all(s
     assert {h.conversation_id for h in await store.search("pump", owner="bob")} == {bob.id}
     assert {h.conversation_id for h in await store.search("pump", owner=None)} == {nobody.id}
     assert {h.conversation_id for h in await store.search("pump", owner=EVERYONE)} == {alice.id, bob.id, nobody.id}
+    assert await store.delete_everything(owner="bob") == 1
+    assert await store.search("pump", owner="bob") == () and (await store.list(owner="bob")).total == 0
+    assert {c.id for c in (await store.list(owner=EVERYONE)).conversations} == {alice.id, nobody.id}
+    with pytest.raises(InvalidHistory):
+        await store.delete_everything(owner=EVERYONE)
     for token in (scope_token(None), scope_token("bob"), f"scope:{scope_token('bob')}"):
         assert await store.search(token, owner="bob") == ()  # the owner's token in the index is not content
         assert await store.search(token, owner=None) == ()

@@ -146,6 +146,15 @@ def delete_conversation(db: sqlite_utils.Database, conversation_id: str, *, owne
     return gone
 
 
+def delete_everything_of(db: sqlite_utils.Database, *, owner: str | None) -> int:
+    """Delete every conversation of one owner (a key revoked, "clear my history"); returns how many went."""
+    check_owner(owner)
+    with db.atomic():
+        db.execute("DELETE FROM messages WHERE conversation_id IN (SELECT id FROM conversations WHERE owner IS ?)",
+                   [owner])
+        return db.execute("DELETE FROM conversations WHERE owner IS ?", [owner]).rowcount
+
+
 def _text(content: object) -> str:
     """An OpenAI message's content as text: a string, or the text parts of a list of parts."""
     if isinstance(content, str):
@@ -202,6 +211,7 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
 
 def import_browser_conversations(db: sqlite_utils.Database, found: list[BrowserConversation], *,
                                  rejected: tuple[str, ...] = (), owner: str | None, max_bytes: int = 0) -> ImportReport:
+    """Write parsed browser conversations, each once per owner (by its browser id) and each in one transaction."""
     check_owner(owner)
     imported: dict[str, str] = {}
     already: dict[str, str] = {}
@@ -295,6 +305,10 @@ class ConversationStore:
 
     async def delete(self, conversation_id: str, *, owner: Owner) -> int:
         return await self._run(delete_conversation, conversation_id, owner=owner)
+
+    async def delete_everything(self, *, owner: str | None) -> int:
+        """Every conversation of `owner`, gone; returns how many (for a revoked key, or "clear my history")."""
+        return await self._run(delete_everything_of, owner=owner)
 
     async def search(self, text: str, *, owner: Owner, limit: int = 20) -> tuple[SearchHit, ...]:
         return await self._run(search, text, owner=owner, limit=limit)
