@@ -32,7 +32,7 @@ CRASH_WINDOW_S = 120.0  # ... within this window mark the model bad
 STOP_GRACE_S = 10.0  # a worker asked to stop that is still there after this is killed
 STALL_S = 60.0  # a worker silent this long while it owes a request a frame is stuck (native code, a looping template)
 # The worker sends nothing while it evaluates a prompt alone (one llama_decode per n_batch tokens): 3,691 tokens took
-# 27.7 s on gemma3-270m here, and a 7B model on a Pi 4 is ~50x slower. Until it reports progress, a prompt being
+# 27.7 s on gemma3-270m here, and larger models on a Pi are much slower. Until it reports progress, a prompt being
 # evaluated (or inputs being embedded) extends the silence allowed by its tokens at this assumed slowest rate.
 PREFILL_FLOOR_TPS = 2.0
 ENGINE_BUG = "ggml-org/llama.cpp#20824"  # repacked (AMX) kernels that crash llama_decode on some Xeons
@@ -187,6 +187,7 @@ class InferenceWorker:
                 outcome = await self._run_once()
             except Exception as e:  # a bug here must not leave the model "loading" forever: retry as a spawn error
                 log.exception("supervising the worker for %s failed", self.config.name)
+                self.kill()  # never two workers for one model
                 self.reason, outcome = f"the supervisor failed: {type(e).__name__}: {e}", "spawn-failed"
             if self._stopping:
                 break
@@ -440,7 +441,8 @@ class InferenceWorker:
     def kill(self) -> None:
         """Kill the process as a crash would (used by tests and by the watchdog of a stuck worker)."""
         if self._proc and self._proc.returncode is None:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it died a moment ago
+                self._proc.kill()
 
 
 def _worker_env() -> dict[str, str]:
