@@ -449,3 +449,66 @@ def test_each_board_profile_says_whether_it_speaks_and_whether_beside_decoding()
     pi4 = load_settings(env={}, base=profiles["pi4-2gb"].settings_layer())
     assert pi4.voice.enabled and not pi4.voice.beside_decoding and pi4.voice.stt_model == "whisper-tiny.en"
     assert load_settings(env={}, base=profiles["generic-x86_64"].settings_layer()).voice.beside_decoding
+
+
+# --- the UI in Chromium, its microphone fed from a WAV ----------------------------------------------------------------
+
+def chromium(playwright, *extra: str):
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.skip("Debian's chromium package is not installed (.ci/setup installs it)")
+    return playwright.chromium.launch(executable_path=path, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-extensions", *extra])
+
+
+def test_the_ui_records_a_question_transcribes_it_sends_it_and_reads_the_answer_aloud(voice_daemon, spoken, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import wave
+
+    samples = decode(spoken, 60)  # the sentence, as a plain 16 kHz WAV file for Chromium's fake capture device
+    with wave.open(str(tmp_path / "question.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.concatenate([samples, np.zeros(16000, np.float32)]) * 32767).astype("<i2").tobytes())
+    with sync_api.sync_playwright() as p:
+        browser = chromium(p, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                           f"--use-file-for-fake-audio-capture={tmp_path / 'question.wav'}")
+        try:
+            page = browser.new_context().new_page()
+            page.set_default_timeout(120_000)
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(voice_daemon.url + "/")
+            page.wait_for_selector("#model option", state="attached")
+            assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["gemma3-270m"]
+            page.click("#mic")
+            page.wait_for_selector('#mic[aria-pressed="true"]')
+            page.wait_for_timeout(4500)
+            page.click("#mic")
+            page.wait_for_selector(".msg.user")
+            asked = page.inner_text(".msg.user .body")
+            assert recovered(SENTENCE, asked) >= 0.7, asked
+            page.wait_for_selector(".msg.assistant .speak")  # the answer is complete
+            page.click(".msg.assistant .speak")
+            page.wait_for_function("() => document.querySelector('.msg.assistant .speak').textContent === 'Speak'")
+            assert any(u.endswith("/v1/audio/speech") for u in requests)
+            assert page.is_hidden("#banner") or not page.inner_text("#banner").strip()
+        finally:
+            browser.close()
+
+
+def test_on_plain_http_from_another_host_the_microphone_button_says_why_it_cannot_listen(voice_daemon):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    port = voice_daemon.url.rsplit(":", 1)[1]
+    with sync_api.sync_playwright() as p:
+        browser = chromium(p, "--host-resolver-rules=MAP offgrid-voice.local 127.0.0.1")
+        try:
+            page = browser.new_context().new_page()
+            page.goto(f"http://offgrid-voice.local:{port}/")
+            page.click("#mic")
+            page.wait_for_selector("#banner:not([hidden])")
+            assert "https" in page.inner_text("#banner") and "offgrid-voice.local" in page.inner_text("#banner")
+        finally:
+            browser.close()

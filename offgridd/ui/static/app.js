@@ -514,7 +514,10 @@ function messageNode(msg) {
   const body = el("div", { class: "body" });
   renderText(body, msg.content || "");
   const label = { user: "You", assistant: "Model", error: "Error" }[msg.role] || msg.role;
-  return el("article", { class: `msg ${msg.role}` }, el("header", { text: label }), body,
+  const speak = msg.role === "assistant" && msg.content
+    ? el("button", { type: "button", class: "quiet speak", text: "Speak", title: "Read this answer aloud",
+      onclick: (e) => speakText(msg.content, e.currentTarget) }) : null;
+  return el("article", { class: `msg ${msg.role}` }, el("header", { text: label }, speak), body,
     msg.stats ? el("footer", { text: msg.stats }) : null);
 }
 
@@ -536,8 +539,9 @@ function renderModelChoice() {
   const select = $("model");
   const c = conversation();
   const fallback = (models.find((m) => m.default) || models[0] || {}).name;
-  select.replaceChildren(...models.map((m) => el("option", { value: m.name, text: m.name })));
-  select.value = models.some((m) => m.name === c.model) ? c.model : fallback || "";
+  const chatModels = models.filter((m) => (m.kind || "llm") === "llm"); // speech models are not for chat
+  select.replaceChildren(...chatModels.map((m) => el("option", { value: m.name, text: m.name })));
+  select.value = chatModels.some((m) => m.name === c.model) ? c.model : fallback || "";
 }
 
 function setBusy(busy) {
@@ -680,6 +684,126 @@ function wire() {
     renderChat();
   });
   $("model").addEventListener("change", (e) => { conversation().model = e.target.value; keep(); });
+  $("mic").addEventListener("click", toggleMic);
+}
+
+/* ---------- voice: speak an answer (streamed PCM through Web Audio), talk instead of typing ---------- */
+
+let speaking = null; // {ctrl, ctx, button} while an answer is read aloud
+
+// Plays 24 kHz 16-bit PCM as it arrives, so the first sentence sounds while the rest is still being made. Web Audio
+// needs no media URL, so the page's Content-Security-Policy stays as strict as it is.
+async function speakText(text, button) {
+  if (speaking) {
+    const was = speaking.button;
+    speaking.ctrl.abort();
+    if (was === button) return;
+  }
+  const ctx = new AudioContext({ sampleRate: 24000 });
+  const ctrl = new AbortController();
+  const mine = speaking = { ctrl, ctx, button };
+  button.textContent = "Stop";
+  try {
+    const resp = await call("/v1/audio/speech", { method: "POST", signal: ctrl.signal, raw: true,
+      body: { model: "tts-1", voice: "alloy", input: text.slice(0, 4096), response_format: "pcm" } });
+    const reader = resp.body.getReader();
+    let at = ctx.currentTime + 0.05, rest = new Uint8Array(0);
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const bytes = new Uint8Array(rest.length + value.length);
+      bytes.set(rest);
+      bytes.set(value, rest.length);
+      const n = bytes.length >> 1;
+      rest = bytes.slice(n * 2);
+      if (!n) continue;
+      const view = new DataView(bytes.buffer, 0, n * 2);
+      const buffer = ctx.createBuffer(1, n, 24000);
+      const channel = buffer.getChannelData(0);
+      for (let i = 0; i < n; i++) channel[i] = view.getInt16(i * 2, true) / 32768;
+      const source = ctx.createBufferSource();
+      source.buffer = buffer;
+      source.connect(ctx.destination);
+      at = Math.max(at, ctx.currentTime);
+      source.start(at);
+      at += buffer.duration;
+    }
+    await new Promise((resolve) => {
+      const left = Math.max(0, at - ctx.currentTime) * 1000 + 100;
+      const timer = setTimeout(resolve, left);
+      ctrl.signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); });
+    });
+  } catch (err) {
+    if (err.name !== "AbortError") showBanner(explain(err));
+  } finally {
+    ctx.close();
+    button.textContent = "Speak";
+    if (speaking === mine) speaking = null;
+  }
+}
+
+let recording = null; // the MediaRecorder while the microphone is on
+
+function setMic(on, label) {
+  $("mic").setAttribute("aria-pressed", String(on));
+  $("mic").textContent = label || (on ? "Done" : "Talk");
+}
+
+async function transcribe(form) {
+  for (;;) {
+    const resp = await fetch("/v1/audio/transcriptions", { method: "POST", headers: authHeaders(false), body: form,
+      cache: "no-store" });
+    if (resp.ok) return (await resp.json()).text || "";
+    const err = await errorFrom(resp);
+    if (resp.status === 401 && await askKey("api", "This appliance needs its API key: " + err.message)) continue;
+    throw err;
+  }
+}
+
+async function toggleMic() {
+  if (recording) { recording.stop(); return; }
+  // browsers give pages the microphone only in a secure context: https, or the box itself as localhost
+  if (!window.isSecureContext || !navigator.mediaDevices || !window.MediaRecorder) {
+    showBanner("This browser lets a page use the microphone only over https or on localhost, and this page is "
+      + `plain http from ${location.host}. Type instead, or open the UI on the box itself.`);
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (err) {
+    showBanner(`The microphone is not available: ${err.message}. Allow it for this page, or type instead.`);
+    return;
+  }
+  const rec = new MediaRecorder(stream);
+  const parts = [];
+  rec.ondataavailable = (e) => { if (e.data.size) parts.push(e.data); };
+  rec.onstop = async () => {
+    stream.getTracks().forEach((t) => t.stop());
+    recording = null;
+    const type = rec.mimeType || "audio/webm";
+    const ext = type.includes("mp4") ? "m4a" : type.includes("ogg") ? "ogg" : "webm";
+    const form = new FormData();
+    form.append("model", "whisper-1");
+    form.append("file", new Blob(parts, { type }), `speech.${ext}`);
+    setMic(false, "…");
+    $("mic").disabled = true;
+    try {
+      const text = (await transcribe(form)).trim();
+      if (text) {
+        $("prompt").value = text;
+        send();
+      }
+    } catch (err) {
+      showBanner(explain(err));
+    } finally {
+      $("mic").disabled = false;
+      setMic(false);
+    }
+  };
+  rec.start(250);
+  recording = rec;
+  setMic(true);
 }
 
 wire();
