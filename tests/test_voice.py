@@ -199,6 +199,26 @@ def test_a_stick_carries_a_speech_model_like_any_other(store, tmp_path):
     assert store.get("whisper-stick").kind == "stt"
 
 
+def test_a_speech_model_exported_to_a_stick_imports_on_another_box_with_its_kind(store, tmp_path):
+    from offgridd.db import Database
+    from offgridd.events import EventBus
+    from offgridd.usb import ModelSource, import_stick, write_stick
+
+    data = bundle_bytes(tmp_path)
+    m = store.import_chunks([data], name="whisper-here", source="test")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    written = write_stick(stick, [ModelSource(name=m.name, path=store.path_of(m), license="MIT", sha256=m.sha256)])
+    assert written[0].file.endswith(".bundle") and written[0].quantization == "ctranslate2"
+    other = ModelStore(tmp_path / "other")
+    db = Database(tmp_path / "other.db")
+    try:
+        assert import_stick(stick, store=other, jobs=JobBoard(db, EventBus())).imported == ["whisper-here"]
+    finally:
+        db.close()
+    assert other.get("whisper-here").kind == "stt" and other.get("whisper-here").sha256 == m.sha256
+
+
 # --- admission: speech waits for a slot in the same queue as chat ----------------------------------------------------
 
 class FakeSpeechToText:

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..store import GgufError, file_chunks, read_gguf_info, valid_name, write_hashing
+from ..store import (
+    BundleError,
+    GgufError,
+    file_chunks,
+    looks_like_bundle,
+    read_bundle_info,
+    read_gguf_info,
+    valid_name,
+    write_hashing,
+)
 from .stick import FORMAT_VERSION, MANIFEST, MAX_MODELS, StickError, StickModel, parse_manifest
 
 MODELS_DIR = "OFFGRID/models"
@@ -77,10 +86,12 @@ def write_stick(target: Path, sources: list[ModelSource],
     for s in sources:
         if not valid_name(s.name):
             raise StickWriteError(f"invalid model name {s.name!r}: use letters, digits and . _ : - (at most 128)")
-        try:
-            info = read_gguf_info(s.path)
+        try:  # a speech model is one bundle blob, carried like a GGUF (store/bundle.py)
+            info = read_bundle_info(s.path) if looks_like_bundle(s.path) else read_gguf_info(s.path)
         except GgufError as e:
             raise StickWriteError(f"{s.path} is not a usable GGUF model: {e}") from None
+        except BundleError as e:
+            raise StickWriteError(f"{s.path} is not a usable speech model bundle: {e}") from None
         except OSError as e:
             raise StickWriteError(f"{s.path} cannot be read: {e.strerror}") from None
         planned.append((s, info.quantization, s.path.stat().st_size))
@@ -96,7 +107,7 @@ def write_stick(target: Path, sources: list[ModelSource],
     models_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for s, quantization, size in planned:
-        filename = s.name.replace(":", "-") + ".gguf"  # FAT forbids ':'
+        filename = s.name.replace(":", "-") + (".bundle" if looks_like_bundle(s.path) else ".gguf")  # FAT: no ':'
         dest = models_dir / filename
         digest = _copy_hashing(s.path, dest, (lambda done, n=s.name: on_progress(n, done)) if on_progress else None)
         if s.sha256 is not None and digest != s.sha256:
