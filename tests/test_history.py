@@ -44,7 +44,9 @@ from offgridd.history.store import (
     append_message,
     create_conversation,
     delete_conversation,
+    delete_everything_of,
     import_browser_conversations,
+    record_exchange,
     rename_conversation,
 )
 from offgridd.history.upkeep import check_integrity
@@ -572,7 +574,7 @@ def test_a_writer_killed_mid_write_loses_at_most_the_message_it_was_writing(tmp_
 
 
 class HistoryMachine(RuleBasedStateMachine):
-    """Any sequence of creates, appends, renames, deletes and imports leaves both indexes in step with the tables."""
+    """Any sequence of creates, appends, exchanges, renames, deletes and imports keeps both indexes in step."""
 
     def __init__(self):
         super().__init__()
@@ -580,6 +582,7 @@ class HistoryMachine(RuleBasedStateMachine):
         ensure_schema(self.db)
         self.live: dict[str, tuple[str | None, str, list[str]]] = {}  # id -> owner, title word, message words
         self.made = 0
+        self.pumped: set[str] = set()  # conversations with a message saying "pump"
 
     def word(self) -> str:
         self.made += 1
@@ -594,15 +597,16 @@ class HistoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data(), role=st.sampled_from(["user", "assistant"]))
     def append(self, data, role):
-        cid = data.draw(st.sampled_from(sorted(self.live)))
+        cid = data.draw(st.sampled_from(list(self.live)))  # insertion order: ids are random
         owner, _, words = self.live[cid]
         words.append(self.word())
         append_message(self.db, cid, owner=owner, role=role, content=f"note {words[-1]} pump")
+        self.pumped.add(cid)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def rename(self, data):
-        cid = data.draw(st.sampled_from(sorted(self.live)))
+        cid = data.draw(st.sampled_from(list(self.live)))  # insertion order: ids are random
         owner, _, words = self.live[cid]
         title = self.word()
         rename_conversation(self.db, cid, f"about {title}", owner=owner)
@@ -611,9 +615,10 @@ class HistoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def delete(self, data):
-        cid = data.draw(st.sampled_from(sorted(self.live)))
+        cid = data.draw(st.sampled_from(list(self.live)))  # insertion order: ids are random
         owner, _, _ = self.live.pop(cid)
         delete_conversation(self.db, cid, owner=owner)
+        self.pumped.discard(cid)
 
     @rule(owner=st.sampled_from(["alice", None]), n=st.integers(1, 3))
     def import_(self, owner, n):
@@ -624,6 +629,25 @@ class HistoryMachine(RuleBasedStateMachine):
         for raw in saved:
             self.live[report.imported[raw["id"]]] = (owner, raw["title"].split()[1],
                                                      [raw["messages"][0]["content"].split()[1]])
+            self.pumped.add(report.imported[raw["id"]])
+
+    @rule(owner=st.sampled_from(["alice", "bob", None]), reply=st.booleans())
+    def record(self, owner, reply):
+        question = self.word()
+        c = record_exchange(self.db, owner=owner, conversation_id=None, answer="fine pump" if reply else "",
+                            request_messages=[{"role": "user", "content": f"{question} ok?"}])
+        self.live[c.id] = (owner, question, [question])  # the title is the question
+        if reply:
+            self.pumped.add(c.id)
+
+    @rule(owner=st.sampled_from(["alice", "bob", None]))
+    def clear(self, owner):
+        gone = delete_everything_of(self.db, owner=owner)
+        mine = [cid for cid, (o, _, _) in self.live.items() if o == owner]
+        assert gone == len(mine)
+        for cid in mine:
+            del self.live[cid]
+            self.pumped.discard(cid)
 
     @invariant()
     def indexes_agree_with_tables(self):
@@ -636,8 +660,8 @@ class HistoryMachine(RuleBasedStateMachine):
                 assert cid in {h.conversation_id for h in search(self.db, word, owner=owner)}
                 other = "bob" if owner != "bob" else "alice"
                 assert cid not in {h.conversation_id for h in search(self.db, word, owner=other)}
-        mine = {h.conversation_id for h in search(self.db, "pump", owner=EVERYONE, limit=100)}
-        assert mine == {cid for cid, (_, _, words) in self.live.items() if words}
+        pumps = {h.conversation_id for h in search(self.db, "pump", owner=EVERYONE, limit=100)}
+        assert pumps == self.pumped
 
 
 HistoryMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
