@@ -31,7 +31,7 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
     # replace=True: an index already as wanted is left alone; one made differently (another tokenizer) is rebuilt.
     db["conversations"].enable_fts(["title"], create_triggers=True, tokenize=TOKENIZE, replace=True)
     # The owner's scope token is indexed beside the content so that a search within one key's history is an
-    # intersection inside FTS5 rather than a join per matching row (3 µs each: 250 ms for a common word); it weighs
+    # intersection inside FTS5 rather than a join per matching row (3.6 µs each: 300 ms for a common word); it weighs
     # nothing in the ranking.
     db["messages"].enable_fts(["content", "scope"], create_triggers=True, tokenize=TOKENIZE, replace=True)
     db.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES('rank', 'bm25(1.0, 0.0)')")
