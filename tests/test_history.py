@@ -734,3 +734,55 @@ async def test_the_vacuum_schedule_runs_in_the_background_until_cancelled(store,
         with pytest.raises(asyncio.CancelledError):
             await task
     assert any("vacuumed offgridd.db (full)" in r.getMessage() for r in caplog.records)
+
+
+INSIDE = textwrap.dedent("""
+    import asyncio, sys, time
+    from pathlib import Path
+    from offgridd.db import Database
+    from offgridd.history import ConversationStore
+
+    n, kill_at, conn = 0, int(sys.argv[2]), None
+
+    def tracer(sql):
+        # runs on the database thread as each statement starts: the message's row and index entries are written,
+        # its transaction not yet committed
+        if n == kill_at and sql.startswith("UPDATE conversations"):
+            print("inside", conn.in_transaction, flush=True)
+            time.sleep(60)
+
+    async def main(path):
+        global n, conn
+        store = ConversationStore(Database(Path(path)))
+        c = await store.create(owner=None, title="inside")
+        conn = await store.db.run(lambda db: db.conn)
+        conn.set_trace_callback(tracer)
+        while True:
+            await store.append(c.id, owner=None, role="user", content=f"entry{n} marker " + "pump notes " * 500)
+            n += 1
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_a_writer_killed_inside_its_transaction_loses_exactly_that_message(tmp_path):
+    path = tmp_path / "offgridd.db"
+    proc = subprocess.Popen([sys.executable, "-c", INSIDE, str(path), "7"], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "inside True"  # the message written, its commit not yet
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wal > 0
+    check_fts_agrees(path)
+    conn = sqlite3.connect(path)
+    try:
+        contents = [r[0].split()[0] for r in conn.execute("SELECT content FROM messages ORDER BY id")]
+        indexed = conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'marker'").fetchone()[0]
+        found = conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'entry7'").fetchone()[0]
+    finally:
+        conn.close()
+    assert contents == [f"entry{i}" for i in range(7)] and indexed == 7 and found == 0
