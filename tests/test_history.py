@@ -442,6 +442,17 @@ def test_any_json_a_browser_sends_is_parsed_without_raising(saved):
     assert all(isinstance(r, str) for r in rejected)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(json_values, max_size=6), st.text(max_size=30))
+def test_any_request_an_api_client_sends_is_kept_or_refused_with_a_reason(request_messages, answer):
+    try:
+        c = record_exchange(_FUZZ_DB, owner="fuzz", conversation_id=None, request_messages=request_messages,
+                            answer=answer)
+    except InvalidHistory:
+        return
+    assert c.owner == "fuzz" and c.title
+
+
 async def test_the_database_is_wal_with_full_sync_so_a_committed_message_survives_a_power_cut(store, database):
     await store.create(owner=None)
     modes = await database.run(lambda db: (db.execute("PRAGMA journal_mode").fetchone()[0],
