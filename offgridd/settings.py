@@ -78,6 +78,21 @@ class VoiceSettings:
 
 
 @dataclass(slots=True, kw_only=True)
+class UpstreamSettings:
+    """An OpenAI-compatible server that may answer what neither this box nor a peer can ([[upstreams]])."""
+
+    url: str  # its base URL, as a client's base_url: "http://gpu-box.lan:8080/v1"
+    key: str | None = None  # sent as its bearer key; never a client's key
+    models: list[str] = dataclasses.field(default_factory=list)  # the model names it may be asked for ("*": any)
+
+
+def _list_of_tables(hint) -> type | None:
+    """The dataclass of a list-of-tables setting ([[upstreams]]), else None."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]) else None
+
+
+@dataclass(slots=True, kw_only=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 11611
@@ -100,6 +115,8 @@ class Settings:
     admin_key: str | None = None  # when set, state-changing /api/* calls need "Authorization: Bearer <admin key>"
     max_body_bytes: int = 4 << 20
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # names besides IPs, localhost, *.local
+    cors_origins: list[str] = dataclasses.field(default_factory=list)  # browser origins allowed to call the API
+    upstreams: list[UpstreamSettings] = dataclasses.field(default_factory=list)  # off unless configured
     drain_seconds: float = 10.0
     worker_start_timeout: float = 300.0
     log_level: str = "info"
@@ -142,6 +159,10 @@ class Settings:
             "voice.max_audio_seconds": self.voice.max_audio_seconds > 0,
             "voice.max_input_chars": self.voice.max_input_chars >= 1,
         }
+        for i, upstream in enumerate(self.upstreams):
+            if not upstream.url.startswith(("http://", "https://")) or not upstream.models:
+                raise SettingsError(f"upstreams[{i}]: 'url' must be an http(s) base URL and 'models' must name the "
+                                    f"models it may serve (or \"*\"), got {upstream.url!r} and {upstream.models!r}")
         for key, ok in checks.items():
             if not ok:
                 section, _, name = key.rpartition(".")
@@ -154,6 +175,8 @@ class Settings:
         for key in ("api_key", "admin_key"):
             if out[key]:
                 out[key] = "***"
+        for upstream in out["upstreams"]:
+            upstream["key"] = "***" if upstream["key"] else None
         return out
 
 
@@ -168,6 +191,8 @@ def _plain(obj) -> dict:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             value = _plain(value)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            value = [_plain(v) for v in value]
         elif isinstance(value, Path):
             value = str(value)
         out[f.name] = value
@@ -224,6 +249,18 @@ def _layer(target: dict, data: dict, hints: dict, origin: str, prefix: str = "")
             if not isinstance(value, dict):
                 raise SettingsError(f"{origin}: {prefix + key!r} must be a table ([{prefix + key}])")
             _layer(target.setdefault(key, {}), value, typing.get_type_hints(hint), origin, f"{prefix}{key}.")
+        elif (table := _list_of_tables(hint)) is not None:
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise SettingsError(f"{origin}: {prefix + key!r} must be a list of tables ([[{prefix + key}]])")
+            target[key] = []
+            for i, entry in enumerate(value):
+                missing = [f.name for f in dataclasses.fields(table)
+                           if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                           and f.name not in entry]
+                if missing:
+                    raise SettingsError(f"{origin}: {prefix}{key}[{i}] needs {', '.join(missing)}")
+                _layer(item := {}, entry, typing.get_type_hints(table), origin, f"{prefix}{key}[{i}].")
+                target[key].append(item)
         else:
             target[key] = _coerce(prefix + key, value, hint, origin)
 
@@ -234,6 +271,8 @@ def _from_env(env: dict[str, str], hints: dict, prefix: str = "") -> dict:
         if dataclasses.is_dataclass(hint):
             if section := _from_env(env, typing.get_type_hints(hint), f"{prefix}{key}_"):
                 found[key] = section
+        elif _list_of_tables(hint) is not None:
+            continue  # lists of tables come from the config file only
         elif (name := f"{ENV_PREFIX}{prefix}{key}".upper()) in env:
             found[key] = _coerce(f"{prefix}{key}".replace("_", ".", 1) if prefix else key, env[name], hint,
                                  f"environment {name}")
@@ -242,7 +281,15 @@ def _from_env(env: dict[str, str], hints: dict, prefix: str = "") -> dict:
 
 def _build(cls, values: dict):
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})
+
+    def build(hint, value):
+        if dataclasses.is_dataclass(hint):
+            return _build(hint, value)
+        if (table := _list_of_tables(hint)) is not None:
+            return [_build(table, v) for v in value]
+        return value
+
+    return cls(**{k: build(hints[k], v) for k, v in values.items()})
 
 
 def load_settings(config: Path | None = None, env: dict[str, str] | None = None, flags: dict | None = None,

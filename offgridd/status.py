@@ -50,6 +50,7 @@ def report(rt: Runtime, memory: dict) -> dict:
         "queue": {"running": admission.active, "waiting": admission.waiting, "slots": admission.slots,
                   "depth": admission.depth, "paused": admission.paused},
         "profile": rt.detection.to_dict() if rt.detection else None,
+        "upstreams": [{"url": u.url, "models": list(u.models)} for u in rt.settings.upstreams],
     }
 
 
@@ -61,6 +62,8 @@ def line(rt: Runtime, memory: dict) -> str:
     parts = [f"serving {rt.settings.model}", f"{inference.served} requests"]
     if rt.peers is not None and (peers := rt.peers.peer_count):
         parts.append(f"{peers} peer{'s' if peers != 1 else ''}")
+    if upstreams := len(rt.settings.upstreams):
+        parts.append(f"{upstreams} fallback upstream{'s' if upstreams != 1 else ''}")
     if inference.last_tokens_per_second:
         parts.append(f"{inference.last_tokens_per_second:.0f} tok/s")
     parts.append(f"{memory['used_percent']:.0f}% RAM")

@@ -11,6 +11,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from .audit import Audit
@@ -149,6 +150,37 @@ async def check_host(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
+class Cors:
+    """Browser origins allowed to call the API (`cors_origins`; "*" for any): off unless configured. Preflights
+    are answered before keys are asked for (browsers send none); every answer to an allowed origin, streamed or not,
+    says so."""
+
+    METHODS = "GET, POST, DELETE, OPTIONS"
+
+    def __init__(self, origins: list[str]):
+        self.origins = {o.rstrip("/") for o in origins}
+
+    def allows(self, origin: str | None) -> bool:
+        return bool(origin) and ("*" in self.origins or origin in self.origins)
+
+    @web.middleware
+    async def preflight(self, request: web.Request, handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers and self.allows(origin):
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": self.METHODS, "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type"})
+        return await handler(request)
+
+    async def mark(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: before the headers go, so streamed answers are marked too."""
+        origin = request.headers.get("Origin")
+        if self.allows(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Offgrid-Node"
+            response.headers.add("Vary", "Origin")
+
+
 def limit_connections(server, per_client: int, total: int) -> None:
     """Bound the connections aiohttp's server keeps open, in all and from one address, so idle sockets from one host
     cannot take every file descriptor: a connection over a bound is closed as it arrives."""
@@ -206,11 +238,12 @@ async def authorize(request: web.Request, handler) -> web.StreamResponse:
     action = f"{request.method} {request.path[:200]}"
     given = bearer(request)
     key = await keys.lookup(given) if given else None
-    if given and key is None:
+    open_chat = needs == "chat" and not await keys.chat_needs_key()
+    if given and key is None and not open_chat:  # where the API is open, clients' placeholder keys are ignored
         audit.refused(action, "refused: unknown key", client)
         raise ApiError(401, "wrong API key: send 'Authorization: Bearer <key>' with a key this box knows",
                        code="invalid_api_key")
-    if key is None and needs == "chat" and await keys.chat_needs_key():
+    if key is None and not given and needs == "chat" and not open_chat:
         audit.refused(action, "refused: no key", client)
         raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
     if needs == "admin" and not (key is not None and key.admin):
@@ -246,3 +279,23 @@ def charge(request: web.Request, tokens: int) -> None:
     """Count a finished request's tokens against the minute of the key it came with."""
     if (key := request.get(KEY)) is not None:
         request.app[KEYS].charge(key, tokens)
+
+
+RELAYED = ("Content-Type", "Cache-Control", "Retry-After", "X-Accel-Buffering")
+
+
+async def relay(request: web.Request, answer: aiohttp.ClientResponse, headers: dict[str, str], source: str
+                ) -> web.StreamResponse:
+    """Stream another server's answer to our client as it comes (SSE included), with its status and the headers
+    that matter; if that server stops in the middle, the client's stream ends there."""
+    response = web.StreamResponse(status=answer.status, reason=answer.reason,
+                                  headers={**{k: answer.headers[k] for k in RELAYED if k in answer.headers}, **headers})
+    await response.prepare(request)
+    try:
+        async for chunk in answer.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        log.warning("%s stopped in the middle of a response: %s", source, e or type(e).__name__)
+        return response
+    await response.write_eof()
+    return response

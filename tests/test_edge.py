@@ -68,7 +68,11 @@ async def served(aiohttp_client, tmp_path):
 
 async def test_keys_have_scopes_and_a_revoked_key_stops_working(served):
     rt, client = served
-    chat, admin = make_key(rt, "phone"), make_key(rt, "owner", "admin")
+    admin = make_key(rt, "owner", "admin")
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers=bearer("placeholder"))
+    assert resp.status == 404  # only admin keys: chat stays open, and a client's placeholder key is ignored
+    chat, _ = make_key(rt, "phone"), make_key(rt, "laptop")
+    rt.keys._loaded = float("-inf")  # as after keys.RELOAD_S
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 401  # a chat key exists: the API is closed to clients without one
     resp = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(chat))
@@ -120,7 +124,7 @@ async def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(serv
 
 async def test_the_audit_log_names_keys_never_secrets(served):
     rt, client = served
-    admin = make_key(rt, "owner", "admin")
+    admin, _ = make_key(rt, "owner", "admin"), make_key(rt, "phone")  # a chat key closes the API
     await client.delete("/api/v1/models/gone", headers=bearer(admin))
     await client.get("/v1/models", headers=bearer("og-not-a-key"))
     await client.get("/v1/models", headers=bearer("og-not-a-key"))  # the same refusal again: recorded once
@@ -216,7 +220,8 @@ async def test_too_many_messages_or_parts_are_refused(served):
     b"X-Offgrid-Hop: x\r\nX-Offgrid-Fleet: v2 \xff\xfe \xb2 \xb2 x \xb2 y z\r\n",
 ])
 async def test_headers_that_are_not_utf8_are_refused_not_crashed_on(served, head):
-    _, client = served
+    rt, client = served
+    make_key(rt, "phone")  # keys are checked
     status, body = await raw_request(client.port, head, json.dumps(CHAT).encode())
     assert 400 <= status < 500, body
     assert "error" in json.loads(body)

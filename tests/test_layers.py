@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent / "offgridd"
 # The layers, top first; a module may import its own layer and those below. The longest matching prefix decides.
 LAYERS = {
     "entry": ["offgridd.__main__", "offgridd.cli", "offgridd.daemon", "offgridd.doctor"],
-    "http": ["offgridd.web", "offgridd.api", "offgridd.ui", "offgridd.usb.routes", "offgridd.peers.http",
-             "offgridd.peers.routing", "offgridd.peers.routes",
+    "http": ["offgridd.web", "offgridd.upstreams", "offgridd.api", "offgridd.ui", "offgridd.usb.routes",
+             "offgridd.peers.http", "offgridd.peers.routing", "offgridd.peers.routes",
              "offgridd.voice.routes"],
     "appliance": ["offgridd.runtime", "offgridd.status"],
     "subsystem": ["offgridd.inference", "offgridd.hardware", "offgridd.usb", "offgridd.peers", "offgridd.history",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import ui
+from .. import ui, upstreams
 from ..peers import routes as peers
 from ..runtime import Runtime
 from ..usb import routes as usb
 from ..voice import routes as voice
-from ..web import AUDIT, HOSTS, KEYS, SETTINGS, HostNames, authorize, check_host, error_middleware
+from ..web import AUDIT, HOSTS, KEYS, SETTINGS, Cors, HostNames, authorize, check_host, error_middleware
 from . import admin, health, native, openai
 from .keys import RUNTIME
 
@@ -51,8 +51,13 @@ def setup_routes(app: web.Application) -> None:
 
 
 def init_app(rt: Runtime) -> web.Application:
-    app = web.Application(client_max_size=rt.settings.max_body_bytes,
-                          middlewares=[count_requests, error_middleware, check_host, authorize])
+    middlewares = [count_requests, error_middleware, check_host, authorize]
+    if rt.settings.cors_origins:
+        cors = Cors(rt.settings.cors_origins)
+        middlewares.insert(3, cors.preflight)
+    app = web.Application(client_max_size=rt.settings.max_body_bytes, middlewares=middlewares)
+    if rt.settings.cors_origins:
+        app.on_response_prepare.append(cors.mark)
     app[RUNTIME] = rt
     app[SETTINGS] = rt.settings
     app[KEYS] = rt.keys
@@ -61,6 +66,7 @@ def init_app(rt: Runtime) -> web.Application:
     setup_routes(app)
     usb.setup_routes(app, rt.usb)
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
+    upstreams.setup_routes(app, rt.settings.upstreams, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     voice.setup_routes(app, rt.voice)
     ui.setup_routes(app)
     return app

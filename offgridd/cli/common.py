@@ -21,7 +21,7 @@ SECRET = {"api_key", "admin_key"}  # never on a command line, where `ps` shows t
 def _kind(hint) -> str | None:
     """How a setting's value is written on a command line, or None for a section (a table of its own)."""
     if typing.get_origin(hint) is list:
-        return "A,B,..."
+        return "A,B,..." if typing.get_args(hint) == (str,) else None
     kinds = [k for k in typing.get_args(hint) or [hint] if k is not type(None)]
     return kinds[0].__name__.upper() if all(k in (str, int, float, bool, Path) for k in kinds) else None
 

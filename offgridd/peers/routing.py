@@ -9,6 +9,7 @@ import yarl
 from aiohttp import web
 
 from ..metrics import Metrics
+from ..web import relay
 from .exchange import ExchangeRefused
 from .http import NODE_HEADER, fleet_call
 from .protocol import DatagramRejected
@@ -18,7 +19,6 @@ log = logging.getLogger(__name__)
 
 HOP_HEADER = "X-Offgrid-Hop"  # set on a routed request: its receiver serves it or refuses it, never routes it on
 VIA_HEADER = "X-Offgrid-Routed-Via"
-PASSED_ON = ("Content-Type", "Cache-Control", "Retry-After", "X-Accel-Buffering", NODE_HEADER)
 
 
 async def route_to_peer(request: web.Request, model: str, *, service: PeerService, metrics: Metrics,
@@ -61,19 +61,8 @@ async def route_to_peer(request: web.Request, model: str, *, service: PeerServic
                 continue  # it lost the model or is full too: the next peer may do
             metrics.routed.labels(peer.name).inc()
             log.info("routed a request for %s to peer %s (HTTP %s)", model, peer.name, upstream.status)
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers={k: upstream.headers[k] for k in PASSED_ON if k in upstream.headers})
-            resp.headers.setdefault(NODE_HEADER, peer.node)
-            resp.headers[VIA_HEADER] = service.identity.node_id
-            await resp.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                log.warning("peer %s stopped in the middle of a response: %s", peer.name, e or type(e).__name__)
-                return resp
-            await resp.write_eof()
-            return resp
+            headers = {NODE_HEADER: upstream.headers.get(NODE_HEADER, peer.node), VIA_HEADER: service.identity.node_id}
+            return await relay(request, upstream, headers, f"peer {peer.name}")
         finally:
             upstream.release()
     return None
