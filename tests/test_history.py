@@ -226,6 +226,9 @@ async def test_a_word_in_very_many_messages_ranks_only_the_newest_of_them(store,
     assert sorted(h.snippet_text().split()[0] for h in hits) == ["m3", "m4", "m5"]
     assert len(await store.search("m0 pump", owner="alice")) == 1  # a narrower query reaches older messages
     assert len(await store.search("pump", owner=EVERYONE, limit=50)) == 3
+    for i in range(5):
+        await store.create(owner="alice", title=f"log {i}")
+    assert sorted(h.title for h in await store.search("log", owner="alice")) == ["log 2", "log 3", "log 4"]
 
 
 async def test_the_index_stays_in_step_after_renames_and_deletes(store, database):

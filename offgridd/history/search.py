@@ -67,6 +67,12 @@ def _parts(marked: str) -> tuple[tuple[str, bool], ...]:
     return tuple(out)
 
 
+def _floor(db: sqlite_utils.Database, fts: str, match: str) -> tuple | None:
+    """The rowid below the newest RANK_WINDOW matches, or None when there are no more than that."""
+    return db.execute(f"SELECT rowid FROM {fts} WHERE {fts} MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+                      [match, RANK_WINDOW]).fetchone()
+
+
 def search(db: sqlite_utils.Database, text: str, *, owner: Owner, limit: int = 20) -> tuple[SearchHit, ...]:
     """At most `limit` hits: matching titles first, then messages, each best first (bm25)."""
     query = fts_query(text)
@@ -79,8 +85,7 @@ def search(db: sqlite_utils.Database, text: str, *, owner: Owner, limit: int = 2
     match = words if owner is EVERYONE else f'scope : "{scope_token(owner)}" AND {words}'
     # bm25 costs about 1.3 µs per matching row here: a word in most of 100,000 messages took 80 ms to rank. Past
     # RANK_WINDOW matches only the newest RANK_WINDOW are ranked (finding where they start takes under 1 ms).
-    floor = db.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-                       [match, RANK_WINDOW]).fetchone()
+    floor = _floor(db, "messages_fts", match)
     window = "AND messages_fts.rowid > ?" if floor else ""
     # ORDER BY rank on the FTS table itself lets FTS5 hand rows over best first, so the LIMIT stops there and
     # snippet() runs for the rows returned only.
@@ -92,13 +97,18 @@ def search(db: sqlite_utils.Database, text: str, *, owner: Owner, limit: int = 2
         JOIN conversations c ON c.id = m.conversation_id
         WHERE messages_fts MATCH ? {window} AND {where}
         ORDER BY messages_fts.rank LIMIT ?""", [match, *([floor[0]] if floor else []), *params, limit]).fetchall()
+    # titles carry no scope token (a few thousand conversations, not a hundred thousand messages): the owner is
+    # checked by the join, within the same window
+    title_floor = _floor(db, "conversations_fts", query)
+    title_window = "AND conversations_fts.rowid > ?" if title_floor else ""
     titles = db.execute(f"""
         SELECT c.id, c.title, NULL, NULL, c.updated, conversations_fts.rank,
                highlight(conversations_fts, 0, '{OPEN}', '{CLOSE}')
         FROM conversations_fts
         JOIN conversations c ON c.n = conversations_fts.rowid
-        WHERE conversations_fts MATCH ? AND {where}
-        ORDER BY conversations_fts.rank LIMIT ?""", [query, *params, limit]).fetchall()
+        WHERE conversations_fts MATCH ? {title_window} AND {where}
+        ORDER BY conversations_fts.rank LIMIT ?""",
+                        [query, *([title_floor[0]] if title_floor else []), *params, limit]).fetchall()
 
     def hit(row) -> SearchHit:
         cid, title, mid, role, created, rank, marked = row
