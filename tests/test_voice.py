@@ -85,6 +85,23 @@ def test_a_bundle_offered_with_no_kind_is_recognised_as_sticks_and_peers_offer_i
     assert m.kind == "tts" and m.engine == "piper"
 
 
+def test_a_peer_pull_of_a_speech_model_that_breaks_off_resumes_and_commits_it_with_its_kind(store, tmp_path):
+    data = bundle_bytes(tmp_path)
+    partial = store.root / "sha256-pull.part"  # as the peer puller passes it: resumable, no kind
+
+    def broken():
+        yield data[:5000]
+        raise ConnectionError("the peer went away")
+
+    with pytest.raises(ConnectionError):
+        store.import_chunks(broken(), name="pulled", source="peer:b", partial=partial,
+                            expected_sha256=hashlib.sha256(data).hexdigest(), expected_size=len(data))
+    assert partial.stat().st_size == 5000 and store.list() == []
+    m = store.import_chunks([data[5000:]], name="pulled", source="peer:b", partial=partial,
+                            expected_sha256=hashlib.sha256(data).hexdigest(), expected_size=len(data))
+    assert m.kind == "stt" and not partial.exists()
+
+
 def test_the_same_files_make_the_same_bundle_on_every_box(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
