@@ -66,6 +66,7 @@ class _LongString:
 
 
 _UINT32 = 4
+_U64 = struct.Struct("<Q")
 _TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
                8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 _INTEGERS = {0, 1, 2, 3, 4, 5, 10, 11}
@@ -133,14 +134,27 @@ class _Reader:
             if itype in _SCALARS:  # skip fixed-size arrays without decoding them
                 self.skip(struct.calcsize(_SCALARS[itype]) * count)
             elif itype == _STRING:
-                if count * 8 > self.size - self.f.tell():
-                    raise GgufError(f"truncated header: an array of {count} strings runs past the end of the file")
-                for _ in range(count):
-                    self.skip(self.length(MAX_STRING, "string"))
+                self.skip_strings(count)
             else:
                 self.value(itype, depth + 1)  # raises: an unknown type, or an array of arrays
             return None
         raise GgufError(f"unknown metadata value type {vtype}")
+
+    def skip_strings(self, count: int) -> None:
+        """Seek past an array of strings (a vocabulary: 262,144 of them in gemma3), checking each length."""
+        if count * 8 > self.size - self.f.tell():
+            raise GgufError(f"truncated header: an array of {count} strings runs past the end of the file")
+        read, seek, u64 = self.f.read, self.f.seek, _U64.unpack
+        for _ in range(count):
+            head = read(8)
+            if len(head) != 8:
+                raise GgufError("truncated header: an array of strings runs past the end of the file")
+            (n,) = u64(head)
+            if n > MAX_STRING:
+                raise GgufError(f"string of {n} bytes is out of bounds (at most {MAX_STRING})")
+            seek(n, 1)
+        if self.f.tell() > self.size:  # a seek may pass the end; the next read would then come up short
+            raise GgufError("truncated header: an array of strings runs past the end of the file")
 
     def skip(self, n: int) -> None:
         if self.f.tell() + n > self.size:
