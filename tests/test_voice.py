@@ -296,6 +296,23 @@ async def test_an_upload_that_is_not_audio_or_too_long_is_refused_before_it_queu
     await service.stop()
 
 
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_a_damaged_or_hostile_upload_raises_only_audio_error(data):
+    from offgridd.voice.audio import AudioError
+
+    good = bytearray(wav_bytes(0.3))
+    for _ in range(data.draw(st.integers(0, 12))):
+        good[data.draw(st.integers(0, len(good) - 1))] = data.draw(st.integers(0, 255))
+    blob = data.draw(st.one_of(st.just(bytes(good)), st.binary(max_size=2048),
+                               st.just(bytes(good[:data.draw(st.integers(0, len(good)))]))))
+    try:
+        samples = decode(blob, 2)
+    except AudioError:
+        return
+    assert samples.dtype == np.float32 and len(samples) <= 2 * 16000 + 16000
+
+
 def test_an_upload_is_decoded_to_16khz_mono():
     assert abs(len(decode(wav_bytes(1.0, 22050), 10)) - 16000) < 50
 
@@ -406,12 +423,21 @@ def test_speech_streams_its_first_sentence_before_the_last_is_made(client):
     (dict(file=("notes.txt", b"this is not audio " * 50)), 400, "file"),
     (dict(response_format="docx"), 400, "response_format"),
     (dict(temperature=3), 400, "temperature"),
+    (dict(timestamp_granularities=["word"]), 400, "timestamp_granularities"),
 ])
 def test_a_bad_transcription_request_gets_an_openai_shaped_error(client, spoken, call, status, param):
     with pytest.raises(openai.APIStatusError) as e:
         client.audio.transcriptions.create(**{"model": "whisper-1", "file": ("s.wav", spoken), **call})
     assert e.value.status_code == status and e.value.body["param"] == param
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
+
+
+def test_health_shows_what_speech_served_and_how_fast(voice_daemon, client, spoken):
+    client.audio.transcriptions.create(model="whisper-1", file=("s.wav", spoken))
+    voice = voice_daemon.health()[1]["services"]["voice"]
+    assert voice["served"]["transcriptions"] >= 1 and voice["served"]["speech"] >= 1
+    assert 0 < voice["real_time_factor"]["stt"] < 2 and 0 < voice["real_time_factor"]["tts"] < 2
+    assert sorted(voice["loaded"]) == ["piper-joe-medium", "whisper-tiny.en"] and not voice["degraded"]
 
 
 def test_a_transcription_without_a_file_or_form_is_refused(voice_daemon):
