@@ -62,7 +62,7 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
                                load=lambda: (inference.active, inference.waiting))
     if settings.voice.enabled:  # speech takes its turn in the same queue as chat
         rt.voice = VoiceService(settings.voice, store, admission.ticket, inference.idle,
-                                wait_limit=settings.queue_timeout)
+                                wait_limit=settings.queue_timeout, chat=inference.generate)
     return rt
 
 

@@ -75,6 +75,9 @@ class VoiceSettings:
     max_upload_bytes: int = 25 << 20  # OpenAI's limit for a transcription upload
     max_audio_seconds: float = 600.0  # longer recordings are refused, not queued for minutes
     max_input_chars: int = 4096  # OpenAI's limit for text to speak
+    button_pin: int | None = None  # push to talk (no screen): hold to record, release to hear the answer spoken
+    capture_command: str = "arecord -q -t wav -f S16_LE -r 16000 -c 1"  # add -D plughw:CARD=... for a USB device
+    playback_command: str = "aplay -q"
 
 
 @dataclass(slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offgridd.inference import Admission, Overloaded
+from offgridd.inference import Admission, Overloaded, Token
 from offgridd.jobs import JobBoard
 from offgridd.settings import VoiceSettings
 from offgridd.store import BundleError, ModelStore, StoreError, bundle_chunks, read_bundle_info
@@ -575,3 +575,111 @@ def test_on_plain_http_from_another_host_the_microphone_button_says_why_it_canno
             assert "https" in page.inner_text("#banner") and "offgrid-voice.local" in page.inner_text("#banner")
         finally:
             browser.close()
+
+
+# --- push to talk: the appliance with no screen ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def speech_store(tmp_path_factory) -> ModelStore:
+    """A store with the default speech models, registered from their PyPI packages."""
+    from offgridd.voice.defaults import BUILTINS, register
+
+    s = ModelStore(tmp_path_factory.mktemp("speech") / "models")
+    s.open()
+    for model in BUILTINS:
+        register(s, model)
+    return s
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
+
+
+async def test_holding_the_button_records_releasing_it_answers_aloud(speech_store, spoken, tmp_path):
+    """gpiozero's MockFactory for the button; a file-backed capture device and a file as the speaker (sox)."""
+    from gpiozero.pins.mock import MockFactory
+
+    from offgridd.voice.talk import PushToTalk
+
+    if shutil.which("sox") is None:
+        pytest.skip("sox is installed by .ci/setup")
+    question = write_wav(tmp_path / "question.wav", decode(spoken, 60))
+    reply = tmp_path / "reply.wav"
+    admission, idle = Admission(1, 4, 30), asyncio.Event()
+    idle.set()
+    settings = VoiceSettings(button_pin=22, capture_command=f"sox -q {question} -t wav -",
+                             playback_command=f"sox -q -t wav - {reply}")
+    voice = VoiceService(settings, speech_store, admission.ticket, idle)
+    asked = []
+
+    async def answer(text: str) -> str:
+        asked.append(text)
+        return "The fox jumped over the dog."
+
+    factory = MockFactory()
+    talk = PushToTalk(settings, voice, answer, pin_factory=factory)
+    await talk.start()
+    pin = factory.pin(22)
+    try:
+        pin.drive_low()  # held
+        for _ in range(100):
+            if talk.state == "recording":
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        pin.drive_high()  # released
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if talk.state == "idle" and "said" in talk.last:
+                break
+        assert talk.error is None and recovered(SENTENCE, asked[0]) >= 0.8, (talk.describe(), asked)
+        heard = await voice.transcribe(None, reply.read_bytes())
+        assert recovered("The fox jumped over the dog.", heard.text) >= 0.8, heard.text
+    finally:
+        await talk.stop()
+        await voice.stop()
+
+
+async def test_without_gpio_push_to_talk_is_off_and_says_why_while_speech_still_works(speech_store, monkeypatch):
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "nosuchfactory")
+    admission, idle = Admission(1, 4, 30), asyncio.Event()
+    voice = VoiceService(VoiceSettings(button_pin=22), speech_store, admission.ticket, idle, chat=lambda *a, **k: None)
+    await voice.start()
+    try:
+        assert voice.talk is None
+        assert [d["step"] for d in voice.describe()["degraded"]] == ["push-to-talk-off"]
+    finally:
+        await voice.stop()
+
+
+async def test_a_spoken_question_is_answered_by_the_default_model_through_inference():
+    from offgridd.inference import Done
+    from offgridd.voice.talk import answer_with
+
+    seen = {}
+
+    class Generation:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            seen["closed"] = True
+
+        async def __aiter__(self):
+            for piece in ("Paris", " is", " the capital."):
+                yield Token(piece)
+            yield Done(3, 3, ["stop"])
+
+    async def generate(model, *, messages, params):
+        seen.update(model=model, messages=messages, params=params)
+        return Generation()
+
+    assert await answer_with(generate, "What is the capital of France?") == "Paris is the capital."
+    assert seen["model"] is None and seen["messages"][0]["content"].startswith("What is") and seen["closed"]

@@ -53,9 +53,12 @@ class VoiceService:
 
     def __init__(self, settings: VoiceSettings, store: ModelStore,
                  ticket: Callable[[], contextlib.AbstractAsyncContextManager], idle: asyncio.Event,
-                 wait_limit: float = 120.0):
+                 wait_limit: float = 120.0, chat=None):
         self.settings, self.store, self._ticket, self._idle = settings, store, ticket, idle
         self._wait_limit = wait_limit
+        self._chat = chat  # Inference.generate, for push to talk's answers
+        self.talk = None  # PushToTalk where voice.button_pin is set and the GPIO is there
+        self.talk_error: str | None = None
         self.threads = settings.threads or default_threads()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="voice")
         self._loaded: dict[str, SpeechToText | TextToSpeech] = {}
@@ -66,6 +69,16 @@ class VoiceService:
         self.errors: dict[str, str] = {}  # model -> why it could not be loaded
 
     async def start(self) -> None:
+        if self.settings.button_pin is not None and self._chat is not None:
+            from .talk import PushToTalk, answer_with
+
+            talk = PushToTalk(self.settings, self, lambda text: answer_with(self._chat, text))
+            try:
+                await talk.start()
+                self.talk = talk
+            except Exception as e:  # no GPIO here: speech over HTTP still works
+                self.talk_error = f"no usable GPIO for the talk button ({type(e).__name__}: {e})"
+                log.info("push to talk off: %s", self.talk_error)
         if self.settings.preload:
             for name in (self.settings.stt_model, self.settings.tts_model):
                 try:
@@ -74,6 +87,8 @@ class VoiceService:
                     log.warning("voice model %s not preloaded: %s", name, e)
 
     async def stop(self) -> None:
+        if self.talk is not None:
+            await self.talk.stop()
         self._loaded.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -82,8 +97,10 @@ class VoiceService:
                 "loaded": sorted(self._loaded), "active": self.active, "served": dict(self.served),
                 "real_time_factor": {k: round(v, 3) for k, v in self.last_rtf.items()},
                 "beside_decoding": self.settings.beside_decoding,
+                "push_to_talk": self.talk.describe() if self.talk is not None else None,
                 "degraded": [{"step": "voice-model-unavailable", "model": m, "reason": why}
-                             for m, why in self.errors.items()]}
+                             for m, why in self.errors.items()]
+                + ([{"step": "push-to-talk-off", "reason": self.talk_error}] if self.talk_error else [])}
 
     def resolve(self, model: str | None, kind: str) -> str:
         """The store name a request's `model` means: OpenAI's names and none mean this board's default."""
