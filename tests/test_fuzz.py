@@ -242,6 +242,7 @@ SHA = "ab" * 32
 PATHS = st.sampled_from([
     "OFFGRID/m.gguf", "m.gguf", "../m.gguf", "OFFGRID/../../etc/passwd", "/etc/passwd", "./m.gguf", "a//b.gguf",
     "a\\..\\b.gguf", "a/\0b.gguf", "", "a/" * 600 + "m.gguf", "OFFGRID/./m.gguf", "..", ".", "a/..", "~/m.gguf",
+    "OFFGRID/caf\udce9.gguf",  # from a JSON "\\udce9" escape: the surrogateescape of a non-UTF-8 byte
 ]) | st.text(max_size=40)
 FIELDS = {
     "name": st.sampled_from(["tiny", "qwen2.5:0.5b", "", "a" * 200, "../x", "bad name", "x/y"]) | st.text(max_size=20),
@@ -249,7 +250,7 @@ FIELDS = {
     "sha256": st.sampled_from([SHA, SHA.upper(), SHA[:-1], "z" * 64, ""]) | st.text(max_size=70),
     "size": st.sampled_from([1, 1024, 0, -1, 1 << 50, 1 << 49, True]) | st.floats() | st.text(max_size=4),
     "quantization": st.sampled_from(["Q4_K_M", "", " ", "q" * 5000]) | st.integers(),
-    "license": st.sampled_from(["MIT", "", "l" * 5000]) | st.none(),
+    "license": st.sampled_from(["MIT", "", "l" * 5000, "\ud800"]) | st.none(),
     "description": st.none() | st.text(max_size=20) | st.integers(),
     "extra": st.integers(),
 }
@@ -300,6 +301,7 @@ def one_model(**change) -> bytes:
 @example(one_model(file="/etc/passwd"))
 @example(one_model(file="OFFGRID/../../etc/passwd"))
 @example(one_model(file="OFFGRID\\..\\m.gguf"))
+@example(one_model(file="OFFGRID/caf\udce9.gguf"))
 @example(b"[" * 100_000)
 @example(b" " * (MAX_MANIFEST_BYTES + 1))
 @example(one_model())
@@ -314,6 +316,7 @@ def test_stick_manifests_raise_only_stick_error_and_paths_never_leave_the_stick(
         path = PurePosixPath(m.file)
         assert not path.is_absolute() and ".." not in path.parts and "\\" not in m.file and "\0" not in m.file
         assert str(path) == m.file and m.file not in ("", ".")
+        m.file.encode("utf-8")  # a job record and an event can carry it
 
 
 MANIFEST_CLASSES = [
@@ -323,7 +326,8 @@ MANIFEST_CLASSES = [
     ("must be an object", "entry not an object"), ("unknown keys", "unknown entry key"),
     (r"\.name", "bad name"), ("duplicate model name", "duplicate name"), ("sha256", "bad sha256"),
     (r"\.size", "bad size"), ("absolute path", "absolute path"), ("'..' component", "path leaves the stick"),
-    ("not a plain relative path", "odd path (NUL, backslash, long)"), (r"\.file", "bad path"),
+    ("not a plain relative path", "odd path (NUL, backslash, long)"), ("not valid UTF-8", "path or text not UTF-8"),
+    (r"\.file", "bad path"),
     (r"\.(quantization|license|description)", "bad text field"),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -261,3 +262,21 @@ async def test_a_peer_serving_a_hostile_blob_fails_that_pull_and_the_sync_task_p
     assert [m.name for m in box.store.list()] == ["b-good"]
     assert list(puller.partials.iterdir()) == [] and list(box.store.staging.iterdir()) == []
     box.db.close()
+
+
+def test_a_stick_file_named_in_bytes_that_are_not_utf8_is_refused_and_its_job_is_recorded(box, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bad = os.path.join(os.fsencode(src), b"caf\xe9.gguf")  # Latin-1, as an old PC might write it
+    Path(os.fsdecode(bad)).write_bytes(GOOD)
+    Path(os.fsdecode(bad + b".sha256")).write_text(hashlib.sha256(GOOD).hexdigest())
+    put(src, "last.gguf", LAST)
+    put(src, "last.gguf.sha256", hashlib.sha256(LAST).hexdigest().encode())
+    with ext4_stick(src, tmp_path / "img") as root:
+        report = import_stick(root, store=box.store, jobs=box.jobs)
+    states = {r.file: (r.state, r.reason) for r in report.results}
+    assert states["caf\ufffd.gguf"][0] == "failed" and "not UTF-8" in states["caf\ufffd.gguf"][1]
+    assert states["last.gguf"][0] == "done"
+    rows = box.db.run_sync(lambda db: [(r["source"], r["state"]) for r in db["jobs"].rows_where()])
+    assert any(source.endswith("caf\ufffd.gguf") and state == "failed" for source, state in rows), rows
+    assert [m.name for m in box.store.list()] == ["last"]
