@@ -18,6 +18,7 @@ from .db import Database
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
+from .history import ConversationStore, vacuum_periodically
 from .inference import Admission, Inference, InferenceError, ModelPool
 from .jobs import JobBoard
 from .keys import KeyRing
@@ -55,6 +56,8 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
         rt.hardware = HardwareService(settings, detection, inference, metrics, bus,
                                       on_long_press=rt.stop_requested.set,
                                       led_pattern=functools.partial(status.led_pattern, rt))
+    if settings.history.enabled:
+        rt.history = ConversationStore(db, max_bytes=settings.history.max_db_bytes)
     if settings.usb.enabled:
         rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool)
     if settings.peers.enabled:
@@ -90,6 +93,11 @@ async def bring_up(rt: Runtime, base_url: str) -> None:
     settings = rt.settings
     rt.phase, rt.reason = "starting", "preparing the model store"
     await loop.run_in_executor(None, lambda: rt.store.open(collect_garbage=True))
+    if rt.history is not None:
+        try:
+            await rt.history.prepare()
+        except Exception:  # conversations are a convenience: the API serves without them
+            log.exception("conversation history could not be opened; /api/v1/conversations will answer errors")
     await start_services(rt)
     rt.reason = "registering the built-in model"
     try:
@@ -151,6 +159,9 @@ async def serve(settings: Settings, detection: Detection | None = None) -> None:
     background = []
     if (interval := notifier.watchdog_interval()) is not None:
         background.append(asyncio.create_task(notifier.watchdog_loop(interval), name="watchdog"))
+    if rt.history is not None and settings.history.vacuum_seconds:
+        background.append(asyncio.create_task(vacuum_periodically(rt.history, settings.history.vacuum_seconds),
+                                              name="history-vacuum"))
 
     async def start() -> None:
         await bring_up(rt, f"http://{host}:{port}")

@@ -13,6 +13,7 @@ from .db import Database
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
+from .history import ConversationStore
 from .inference import Inference, Overloaded
 from .jobs import JobBoard
 from .keys import KeyRing
@@ -53,6 +54,7 @@ class Runtime:
     hardware: HardwareService | None = None  # None where disabled (no board profile) ...
     usb: UsbWatcher | None = None
     peers: PeerService | None = None
+    history: ConversationStore | None = None
     voice: VoiceService | None = None
     running: list[Service] = field(default_factory=list)  # ... or not running: it failed to start
     started_at: float = field(default_factory=time.time)

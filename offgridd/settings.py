@@ -81,6 +81,13 @@ class VoiceSettings:
 
 
 @dataclass(slots=True, kw_only=True)
+class HistorySettings:
+    enabled: bool = True  # conversations kept on the box (/api/v1/conversations)
+    max_db_bytes: int = 1 << 30  # offgridd.db may grow to this; past it, keeping more is refused (507). 0: no bound
+    vacuum_seconds: float = 86400.0  # how often freed pages are given back to the card; 0: never
+
+
+@dataclass(slots=True, kw_only=True)
 class UpstreamSettings:
     """An OpenAI-compatible server that may answer what neither this box nor a peer can ([[upstreams]])."""
 
@@ -126,6 +133,7 @@ class Settings:
     usb: UsbSettings = dataclasses.field(default_factory=UsbSettings)
     peers: PeerSettings = dataclasses.field(default_factory=PeerSettings)
     hardware: HardwareSettings = dataclasses.field(default_factory=HardwareSettings)
+    history: HistorySettings = dataclasses.field(default_factory=HistorySettings)
     voice: VoiceSettings = dataclasses.field(default_factory=VoiceSettings)
 
     def validate(self) -> None:
@@ -162,6 +170,8 @@ class Settings:
             "voice.max_audio_seconds": self.voice.max_audio_seconds > 0,
             "voice.max_input_chars": self.voice.max_input_chars >= 1,
         }
+        checks |= {"history.max_db_bytes": self.history.max_db_bytes >= 0,
+                   "history.vacuum_seconds": self.history.vacuum_seconds >= 0}
         for i, upstream in enumerate(self.upstreams):
             if not upstream.url.startswith(("http://", "https://")) or not upstream.models:
                 raise SettingsError(f"upstreams[{i}]: 'url' must be an http(s) base URL and 'models' must name the "

@@ -30,7 +30,18 @@ def memory(rt: Runtime) -> dict:
             "used_percent": round(100 * (total - available) / total, 1) if total else 0.0, "daemon_rss_bytes": rss}
 
 
-def report(rt: Runtime, memory: dict) -> dict:
+async def database(rt: Runtime) -> dict | None:
+    """offgridd.db's size on the card and its bound (the conversation store measures it)."""
+    if rt.history is None:
+        return None
+    try:
+        size = await rt.history.size()
+    except Exception as e:  # a report must not fail on it
+        return {"error": str(e)}
+    return {**size.to_dict(), "max_bytes": rt.settings.history.max_db_bytes}
+
+
+def report(rt: Runtime, memory: dict, database: dict | None = None) -> dict:
     """/health's body, and the heart of /api/v1/status and the UI's status events."""
     name = rt.settings.model
     inference, pool, admission = rt.inference, rt.inference.pool, rt.inference.admission
@@ -41,7 +52,7 @@ def report(rt: Runtime, memory: dict) -> dict:
                      self_test=worker.self_test, engine_path="safe" if worker.safe else "normal")
     return {
         "status": rt.phase, "reason": rt.reason or None, "version": __version__, "uptime_s": round(rt.uptime(), 1),
-        "model": model, "memory": memory,
+        "model": model, "memory": memory, "database": database,
         "requests": {"served": inference.served, "active": inference.active, "waiting": inference.waiting},
         "tokens_per_second": round(inference.last_tokens_per_second, 1),
         "loaded": {n: w.state for n, w in pool.workers.items()},

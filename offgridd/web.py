@@ -28,6 +28,7 @@ AUDIT = web.AppKey("audit", Audit)
 KEY = web.RequestKey("key", ApiKey)  # the key a request came with, when it came with one
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 ADMIN_READS = ("/api/v1/audit", "/api/v1/keys")  # reading these needs an admin key too
+CHAT_WRITES = ("/api/v1/conversations",)  # a chat key's own data: it may change it
 # Where a request this node cannot serve (no such model here, or too busy) may go instead: each is asked in turn
 # with the already parsed model name, and answers with the response it sent, or None. Peers register one.
 Elsewhere = Callable[[web.Request, str], Awaitable[web.StreamResponse | None]]
@@ -155,7 +156,7 @@ class Cors:
     are answered before keys are asked for (browsers send none); every answer to an allowed origin, streamed or not,
     says so."""
 
-    METHODS = "GET, POST, DELETE, OPTIONS"
+    METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 
     def __init__(self, origins: list[str]):
         self.origins = {o.rstrip("/") for o in origins}
@@ -220,6 +221,8 @@ def scope_needed(request: web.Request) -> str | None:
     the API and reading the native API, "admin" for every change and for the audit log and keys."""
     path = request.path
     if path.startswith("/v1/"):
+        return "chat"
+    if path.startswith(CHAT_WRITES):
         return "chat"
     if path.startswith("/api/"):
         return "chat" if request.method in ("GET", "HEAD") and not path.startswith(ADMIN_READS) else "admin"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent / "offgridd"
 LAYERS = {
     "entry": ["offgridd.__main__", "offgridd.cli", "offgridd.daemon", "offgridd.doctor"],
     "http": ["offgridd.web", "offgridd.upstreams", "offgridd.api", "offgridd.ui", "offgridd.usb.routes",
-             "offgridd.peers.http", "offgridd.peers.routing", "offgridd.peers.routes",
+             "offgridd.peers.http", "offgridd.peers.routing", "offgridd.peers.routes", "offgridd.history.routes",
              "offgridd.voice.routes"],
     "appliance": ["offgridd.runtime", "offgridd.status"],
     "subsystem": ["offgridd.inference", "offgridd.hardware", "offgridd.usb", "offgridd.peers", "offgridd.history",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import ui, upstreams
+from ..history import routes as history
 from ..peers import routes as peers
 from ..runtime import Runtime
 from ..usb import routes as usb
@@ -65,6 +66,7 @@ def init_app(rt: Runtime) -> web.Application:
     app[AUDIT] = rt.audit
     setup_routes(app)
     usb.setup_routes(app, rt.usb)
+    history.setup_routes(app, rt.history)
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     upstreams.setup_routes(app, rt.settings.upstreams, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     voice.setup_routes(app, rt.voice)

@@ -14,7 +14,8 @@ from .keys import RUNTIME
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     memory = await asyncio.get_running_loop().run_in_executor(None, status.memory, rt)
-    return web.json_response(status.report(rt, memory), status=200 if rt.ready else 503)
+    report = status.report(rt, memory, await status.database(rt))
+    return web.json_response(report, status=200 if rt.ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ MAX_EVENT_STREAMS = 32  # the UI holds one per open page
 async def _snapshot(request: web.Request) -> dict:
     rt = request.app[RUNTIME]
     memory = await asyncio.get_running_loop().run_in_executor(None, status_model.memory, rt)
-    return {**status_model.report(rt, memory), "line": status_model.line(rt, memory)}
+    return {**status_model.report(rt, memory, await status_model.database(rt)), "line": status_model.line(rt, memory)}
 
 
 async def status(request: web.Request) -> web.Response:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import struct
 import time
 import uuid
@@ -12,11 +14,15 @@ import uuid
 from aiohttp import web
 
 from .. import __version__
+from ..history import ConversationNotFound, ConversationStore, HistoryError, HistoryFull
+from ..history.routes import CONVERSATION_HEADER, HISTORY, owner_of
 from ..inference import Done, Generation, InferenceError, Overloaded, Token
 from ..store import UnknownModel
 from ..web import ELSEWHERE, ApiError, as_api_error, charge, error_body, read_json
 from .keys import RUNTIME
 from .schemas import GenerationRequest, parse_chat, parse_completion, parse_embeddings
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT = f"offgridd-{__version__}"
 _MARK = "\0offgridd-text\0"  # stands for a token's text in a pre-built event
@@ -78,36 +84,96 @@ def _b64(vector: list[float]) -> str:
 
 
 async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:
+    kept = await Kept.asked(request, req) if chat else None
     try:
         generation = await request.app[RUNTIME].inference.generate(
             req.model, prompt=req.prompt, messages=req.messages, params=req.params)
     except (UnknownModel, Overloaded) as e:
+        if kept is not None:
+            await kept.drop()
         return await _elsewhere(request, req.model, e)
     async with generation:  # errors from here on come from a request the worker started
         try:
-            return await _answer(request, req, chat, generation)
+            return await _answer(request, req, chat, generation, kept)
         finally:
             if (done := generation.done) is not None:
                 charge(request, done.prompt_tokens + done.completion_tokens)
+                if kept is not None:
+                    await kept.save(req, generation.model, done)
+            elif kept is not None:
+                await kept.drop()
 
 
-async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation):
+async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation,
+                  kept: Kept | None):
     shape = _Shape(generation.model, chat, req.params.get("n") or 1)
+    headers = kept.headers if kept is not None else None
     if req.stream:
-        return await _stream(request, generation, shape, req.include_usage)
+        return await _stream(request, generation, shape, req.include_usage, kept)
     texts: list[list[str]] = [[] for _ in range(shape.n)]
     async for event in generation:
         if isinstance(event, Token):
             texts[event.index].append(event.text)
     if generation.done is None:
         raise ApiError(500, "the worker ended the request without finishing it")
-    return web.json_response(shape.whole(["".join(t) for t in texts], generation.done))
+    if kept is not None:
+        kept.text = texts[0]
+    return web.json_response(shape.whole(["".join(t) for t in texts], generation.done), headers=headers)
 
 
-async def _stream(request: web.Request, generation: Generation, shape: _Shape, include_usage: bool):
+class Kept:
+    """A chat the client asked the box to keep (X-Offgrid-Conversation: "new", or a conversation's id): its answer
+    (the first choice) is stored with the request's new turn once it is done."""
+
+    def __init__(self, store: ConversationStore, owner: str | None, conversation_id: str, new: bool):
+        self.store, self.owner, self.id, self.new = store, owner, conversation_id, new
+        self.headers = {CONVERSATION_HEADER: conversation_id}
+        self.text: list[str] = []
+
+    @classmethod
+    async def asked(cls, request: web.Request, req: GenerationRequest) -> Kept | None:
+        wanted = request.headers.get(CONVERSATION_HEADER)
+        if wanted is None:
+            return None
+        store, owner = request.app.get(HISTORY), owner_of(request)
+        if store is None:
+            raise ApiError(400, "conversation history is off on this box", param=CONVERSATION_HEADER)
+        try:
+            if wanted == "new":
+                first = next((m["content"] for m in req.messages if m["role"] == "user" and m["content"]), "")
+                conversation = await store.create(owner=owner, source="api", model=req.model or "",
+                                                  **({"title": " ".join(first.split())[:60]} if first.strip() else {}))
+                return cls(store, owner, conversation.id, new=True)
+            await store.get(wanted, owner=owner)
+        except ConversationNotFound as e:
+            raise ApiError(404, str(e), param=CONVERSATION_HEADER, code="conversation_not_found") from None
+        except HistoryError as e:
+            raise ApiError(400 if not isinstance(e, HistoryFull) else 507, str(e), param=CONVERSATION_HEADER) \
+                from None
+        return cls(store, owner, wanted, new=False)
+
+    async def save(self, req: GenerationRequest, model: str, done: Done) -> None:
+        try:
+            await self.store.record_exchange(
+                owner=self.owner, conversation_id=self.id, request_messages=req.messages, answer="".join(self.text),
+                model=model, prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                finish_reason=done.finish_reasons[0], whole=self.new)
+        except HistoryError as e:  # the client has its answer; keeping it failed, and the log says why
+            log.warning("could not keep a chat in conversation %s: %s", self.id, e)
+
+    async def drop(self) -> None:
+        """The request went elsewhere or failed before it started: a conversation made for it is removed."""
+        if self.new:
+            with contextlib.suppress(HistoryError):
+                await self.store.delete(self.id, owner=self.owner)
+
+
+async def _stream(request: web.Request, generation: Generation, shape: _Shape, include_usage: bool,
+                  kept: Kept | None = None):
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+                                       "X-Accel-Buffering": "no", **(kept.headers if kept is not None else {})})
     await resp.prepare(request)
+    keep = kept.text.append if kept is not None else None
 
     async def send(obj: dict) -> None:
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
@@ -128,6 +194,8 @@ async def _stream(request: web.Request, generation: Generation, shape: _Shape, i
             if isinstance(event, Token):
                 head, tail = events[event.index]
                 await resp.write(head + json.dumps(event.text).encode() + tail)
+                if keep is not None and event.index == 0:
+                    keep(event.text)
             else:
                 for index, reason in enumerate(event.finish_reasons):
                     await send({**shape.chunk({} if shape.chat else "", reason, index), **usage_field})

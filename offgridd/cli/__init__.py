@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..settings import SettingsError
-from . import chat, doctor, fleet, keys, models, peers, profile, serve, usb
+from . import chat, doctor, fleet, history, keys, models, peers, profile, serve, usb
 from .common import common_parser
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_commands(sub, common)
     fleet.add_commands(sub, common)
     keys.add_commands(sub, common)
+    history.add_commands(sub, common)
     profile.add_commands(sub, common)
     doctor.add_commands(sub, common)
     chat.add_commands(sub, common)

@@ -168,8 +168,9 @@ def _text(content: object) -> str:
 def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversation_id: str | None,
                     request_messages: list, answer: str, model: str = "", prompt_tokens: int | None = None,
                     completion_tokens: int | None = None, finish_reason: str | None = None, source: str = "api",
-                    max_bytes: int = 0) -> Conversation:
-    """Keep one chat completion: into a new conversation (all its messages), or an existing one (the new turn only).
+                    max_bytes: int = 0, whole: bool = False) -> Conversation:
+    """Keep one chat completion: into a new conversation (all its messages), or an existing one (the new turn only,
+    unless `whole`: a conversation made empty for this very request takes all of it).
 
     The new turn of a request is its trailing messages after the last assistant one, since a client resends the
     whole history each time; system messages are kept only in a new conversation. An empty answer is not kept.
@@ -179,6 +180,7 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
     turns = [(role, text) for role, text in turns if role in ("system", "user", "assistant", "tool") and text]
     if conversation_id is not None:
         conversation = _find(db, conversation_id, owner)
+    if conversation_id is not None and not whole:
         last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
         turns = [(role, text) for role, text in turns[last + 1:] if role != "system"]
     for role, text in turns:
@@ -275,12 +277,12 @@ class ConversationStore:
     async def record_exchange(self, *, owner: str | None, conversation_id: str | None, request_messages: list,
                               answer: str, model: str = "", prompt_tokens: int | None = None,
                               completion_tokens: int | None = None, finish_reason: str | None = None,
-                              source: str = "api") -> Conversation:
+                              source: str = "api", whole: bool = False) -> Conversation:
         """Keep a chat completion a client asked to keep (see record_exchange); returns the conversation."""
         return await self._run(record_exchange, owner=owner, conversation_id=conversation_id,
                                request_messages=request_messages, answer=answer, model=model,
                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                               finish_reason=finish_reason, source=source, max_bytes=self.max_bytes)
+                               finish_reason=finish_reason, source=source, max_bytes=self.max_bytes, whole=whole)
 
     async def list(self, *, owner: Owner, limit: int = 50, offset: int = 0) -> ConversationPage:
         return await self._run(list_conversations, owner=owner, limit=limit, offset=offset)
