@@ -248,7 +248,7 @@ async def test_a_peer_serving_a_hostile_blob_fails_that_pull_and_the_sync_task_p
         task = asyncio.create_task(puller.run())
         try:
             async with asyncio.timeout(30):
-                while "b-good" not in {m.name for m in box.store.list()}:
+                while "b-good" not in {m.name for m in box.store.list()} or puller.current is not None:
                     assert not task.done(), f"the sync task died: {task.exception()!r}"
                     await asyncio.sleep(0.05)
             assert not task.done()
