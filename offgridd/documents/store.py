@@ -1,0 +1,214 @@
+"""Documents on the box: uploads read, chunked, embedded by a model the box runs, and kept in offgridd.db beside an
+FTS5 index, so a collection can be searched by meaning and by words at once.
+
+Functions taking a `sqlite_utils.Database` run on the database's one writer thread. `DocumentStore` is the
+asynchronous face: extraction and chunking run in an executor, embedding through the injected function (the
+inference worker), writes and searches on the database thread; the event loop only waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import sqlite_utils
+
+from ..db import Database
+from .chunks import chunk_pages
+from .extract import extract
+from .records import (
+    Chunk,
+    Document,
+    DocumentExists,
+    DocumentNotFound,
+    DocumentTooLarge,
+    Extracted,
+    InvalidDocument,
+    Passage,
+    check_collection,
+    clean_filename,
+)
+from .schema import ensure_schema
+from .search import VectorCache, pack, retrieve
+
+T = TypeVar("T")
+log = logging.getLogger("offgridd.documents")
+
+# texts in, one unit-length vector per text out: the daemon passes `lambda texts: inference.embed(model, texts)`
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+EMBED_BATCH = 8  # chunks per call to the worker: a chat request waiting behind ingestion waits for one batch only
+_COLUMNS = "id, collection, filename, kind, size, sha256, pages, chunks, model, added"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_upload_bytes: int = 32 << 20
+    max_total_bytes: int = 512 << 20  # all documents' uploads together; 0: no bound
+    chunk_words: int = 120
+    overlap_words: int = 30
+    top_k: int = 5
+
+
+def _document(row: tuple) -> Document:
+    return Document(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+
+
+def _find(db: sqlite_utils.Database, document_id: int) -> Document:
+    row = db.execute(f"SELECT {_COLUMNS} FROM documents WHERE id = ?", [document_id]).fetchone()
+    if row is None:
+        raise DocumentNotFound(f"no document {document_id}; GET /api/v1/documents lists them")
+    return _document(row)
+
+
+def check_room(db: sqlite_utils.Database, collection: str, sha256: str, filename: str, size: int,
+               max_total_bytes: int) -> None:
+    """Refuse an upload already in the collection, or one that would take all documents past the total bound."""
+    row = db.execute("SELECT id, filename FROM documents WHERE collection = ? AND sha256 = ?",
+                     [collection, sha256]).fetchone()
+    if row is not None:
+        raise DocumentExists(f"{filename!r} is already in collection {collection!r} as document {row[0]} "
+                             f"({row[1]!r}, same sha256)")
+    if max_total_bytes > 0:
+        used = db.execute("SELECT ifnull(sum(size), 0) FROM documents").fetchone()[0]
+        if used + size > max_total_bytes:
+            raise DocumentTooLarge(
+                f"documents hold {used:,} of their {max_total_bytes:,} bytes and {filename!r} is {size:,}: delete "
+                "documents or raise documents.max_total_bytes (OFFGRID_DOCUMENTS_MAX_TOTAL_BYTES) if the card has room")
+
+
+def write_document(db: sqlite_utils.Database, cache: VectorCache, *, collection: str, filename: str, kind: str,
+                   size: int, sha256: str, pages: int, model: str, chunks: list[Chunk],
+                   vectors: list[list[float]], max_total_bytes: int) -> Document:
+    """The document, its chunks, their vectors and index entries, in one transaction."""
+    check_room(db, collection, sha256, filename, size, max_total_bytes)
+    packed = [pack(v) for v in vectors]
+    row = {"collection": collection, "filename": filename, "kind": kind, "size": size, "sha256": sha256,
+           "pages": pages, "chunks": len(chunks), "model": model, "added": time.time()}
+    with db.atomic():
+        document_id = db["documents"].insert(row).last_pk
+        db["chunks"].insert_all(({"document_id": document_id, "collection": collection, "page": c.page, "seq": c.seq,
+                                  "text": c.text, "dims": dims, "vector": blob}
+                                 for c, (dims, blob) in zip(chunks, packed, strict=True)), batch_size=200)
+    cache.forget(collection)
+    return _find(db, document_id)
+
+
+def delete_document(db: sqlite_utils.Database, cache: VectorCache, document_id: int) -> Document:
+    """A document, its chunks and vectors, and their index entries (by trigger), gone together."""
+    document = _find(db, document_id)
+    with db.atomic():
+        db.execute("DELETE FROM chunks WHERE document_id = ?", [document_id])
+        db.execute("DELETE FROM documents WHERE id = ?", [document_id])
+    cache.forget(document.collection)
+    return document
+
+
+def list_documents(db: sqlite_utils.Database, collection: str | None) -> tuple[Document, ...]:
+    where, params = ("WHERE collection = ?", [collection]) if collection is not None else ("", [])
+    return tuple(map(_document, db.execute(f"SELECT {_COLUMNS} FROM documents {where} ORDER BY collection, id",
+                                           params)))
+
+
+def list_collections(db: sqlite_utils.Database) -> list[dict]:
+    return [{"name": r[0], "documents": r[1], "bytes": r[2], "chunks": r[3]} for r in db.execute(
+        "SELECT collection, count(*), sum(size), sum(chunks) FROM documents GROUP BY collection ORDER BY collection")]
+
+
+def read_upload(filename: str, data: bytes, limits: Limits) -> tuple[Extracted, list[Chunk]]:
+    """Off the event loop: the upload's pages and its chunks."""
+    extracted = extract(filename, data)
+    return extracted, chunk_pages(extracted.pages, words=limits.chunk_words, overlap=limits.overlap_words)
+
+
+class DocumentStore:
+    """Collections of documents, searched by meaning and by words, through the daemon's one database thread."""
+
+    def __init__(self, db: Database, embed: Embed, *, model: str, limits: Limits | None = None):
+        self.db = db
+        self.embed = embed
+        self.model = model  # the embedding model's name, kept with each document
+        self.limits = limits or Limits()
+        self._cache = VectorCache()  # only touched on the database thread
+        self._ready = False  # likewise
+        self._one_at_a_time = asyncio.Lock()  # ingestion is heavy: documents go in one after another
+
+    def _on_thread(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[sqlite_utils.Database], T]:
+        def run(db: sqlite_utils.Database) -> T:
+            if not self._ready:
+                ensure_schema(db)
+                self._ready = True
+            return fn(db, *args, **kwargs)
+        return run
+
+    async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        return await self.db.run(self._on_thread(fn, *args, **kwargs))
+
+    async def prepare(self) -> None:
+        """Create the tables now (at start-up) rather than on the first call."""
+        await self._run(lambda db: None)
+
+    async def _vectors(self, texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = []
+        for at in range(0, len(texts), EMBED_BATCH):
+            batch = texts[at:at + EMBED_BATCH]
+            got = await self.embed(batch)
+            if len(got) != len(batch):
+                raise RuntimeError(f"the embedding model returned {len(got)} vectors for {len(batch)} texts")
+            vectors.extend(got)
+        return vectors
+
+    async def add(self, collection: str | None, filename: str, data: bytes) -> Document:
+        """Read, chunk, embed and keep one upload; raises a DocumentError saying why one cannot be kept."""
+        collection = check_collection(collection)
+        filename = clean_filename(filename)
+        if len(data) > self.limits.max_upload_bytes:
+            raise DocumentTooLarge(f"{filename!r} is {len(data):,} bytes; uploads are at most "
+                                   f"{self.limits.max_upload_bytes:,} (documents.max_upload_bytes)")
+        loop = asyncio.get_running_loop()
+        async with self._one_at_a_time:
+            started = time.monotonic()
+            sha256 = await loop.run_in_executor(None, lambda: hashlib.sha256(data).hexdigest())
+            # before the costly part: a second upload of the same file, or one with no room, is refused at once
+            await self._run(check_room, collection, sha256, filename, len(data), self.limits.max_total_bytes)
+            extracted, chunks = await loop.run_in_executor(None, read_upload, filename, data, self.limits)
+            if not chunks:
+                raise InvalidDocument(f"{filename!r} holds no text to search")
+            vectors = await self._vectors([c.text for c in chunks])
+            document = await self._run(
+                write_document, self._cache, collection=collection, filename=filename, kind=extracted.kind,
+                size=len(data), sha256=sha256, pages=len(extracted.pages), model=self.model, chunks=chunks,
+                vectors=vectors, max_total_bytes=self.limits.max_total_bytes)
+        log.info("document %d %r into %r: %d pages, %d chunks in %.2f s", document.id, filename, collection,
+                 document.pages, document.chunks, time.monotonic() - started)
+        return document
+
+    async def get(self, document_id: int) -> Document:
+        return await self._run(_find, document_id)
+
+    async def list(self, collection: str | None = None) -> tuple[Document, ...]:
+        """The documents of one collection, or of all (None)."""
+        return await self._run(list_documents, None if collection is None else check_collection(collection))
+
+    async def collections(self) -> list[dict]:
+        return await self._run(list_collections)
+
+    async def delete(self, document_id: int) -> Document:
+        return await self._run(delete_document, self._cache, document_id)
+
+    async def search(self, text: str, collection: str | None = None, *, top_k: int | None = None,
+                     method: str = "hybrid") -> tuple[Passage, ...]:
+        """The passages of a collection that best answer `text`, best first: hybrid (vector and BM25 fused), or
+        one of them alone ("vector", "bm25") for comparison."""
+        collection = check_collection(collection)
+        top_k = max(1, min(int(top_k or self.limits.top_k), 50))
+        if not isinstance(text, str) or not text.strip():
+            return ()
+        query_vector = None
+        if method != "bm25":
+            query_vector = (await self.embed([text[:4_000]]))[0]
+        return await self._run(retrieve, self._cache, collection, text, query_vector, top_k=top_k, method=method)
