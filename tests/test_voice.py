@@ -263,7 +263,10 @@ async def test_a_transcription_waits_for_a_free_slot_and_a_full_queue_answers_ov
     service = voice_service(store, admission, idle)
     async with admission.ticket():  # a chat holds the only slot
         waiting = asyncio.create_task(service.transcribe("whisper-1", wav_bytes()))
-        await asyncio.sleep(0.3)
+        for _ in range(200):  # the upload is decoded first (in the decoder child), then it queues
+            await asyncio.sleep(0.05)
+            if admission.waiting:
+                break
         assert not waiting.done() and admission.waiting == 1
         with pytest.raises(Overloaded) as refused:  # the queue (depth 1) is full
             await service.transcribe("whisper-1", wav_bytes())
@@ -276,8 +279,12 @@ async def test_where_the_board_has_no_room_speech_waits_until_decoding_is_done(s
     admission, idle = Admission(4, 4, 30), asyncio.Event()  # a chat is decoding: idle is clear
     service = voice_service(store, admission, idle, beside_decoding=False)
     waiting = asyncio.create_task(service.transcribe(None, wav_bytes()))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()
+    for _ in range(200):  # decoded, holding a slot, waiting for the decoding chat to end
+        await asyncio.sleep(0.05)
+        if admission.active:
+            break
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and admission.active == 1
     idle.set()
     assert (await asyncio.wait_for(waiting, 10)).text == "hello"
     idle.clear()
@@ -311,6 +318,25 @@ def test_a_damaged_or_hostile_upload_raises_only_audio_error(data):
     except AudioError:
         return
     assert samples.dtype == np.float32 and len(samples) <= 2 * 16000 + 16000
+
+
+async def test_a_decoder_that_dies_on_an_upload_costs_that_request_a_400_and_the_next_one_works(store):
+    import os
+    import signal
+
+    admission, idle = Admission(1, 1, 30), asyncio.Event()
+    idle.set()
+    service = voice_service(store, admission, idle)
+    assert (await service.transcribe(None, wav_bytes())).text == "hello"  # the decoder child is up
+    (pid,) = list(service._decoder._processes)
+    long = asyncio.create_task(service.transcribe(None, wav_bytes(500)))  # ~2 s of decoding
+    await asyncio.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)  # as a crash in a demuxer would end it
+    with pytest.raises(VoiceError, match="decoder failed") as refused:
+        await long
+    assert refused.value.param == "file"
+    assert (await service.transcribe(None, wav_bytes())).text == "hello"
+    await service.stop()
 
 
 def test_an_upload_is_decoded_to_16khz_mono():

@@ -8,6 +8,7 @@ than the limit. Blocks (decoding, encoding): callers run these in the voice exec
 from __future__ import annotations
 
 import io
+import resource
 import struct
 
 import av
@@ -23,6 +24,14 @@ CONTENT_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "o
                  "aac": "audio/aac", "flac": "audio/flac"}
 _AV_OUT = {"mp3": ("mp3", "libmp3lame", None), "opus": ("ogg", "libopus", 48000), "aac": ("adts", "aac", None),
            "flac": ("flac", "flac", None)}
+
+
+DECODER_MEMORY_BYTES = 2 << 30  # the decoder child's address space (not its memory): a 600 s upload uses ~250 MB
+
+
+def bound_memory() -> None:
+    """In the decoder child: a file that makes FFmpeg allocate without end fails there, with MemoryError."""
+    resource.setrlimit(resource.RLIMIT_AS, (DECODER_MEMORY_BYTES, DECODER_MEMORY_BYTES))
 
 
 class AudioError(Exception):

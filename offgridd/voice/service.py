@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from ..inference import Overloaded
 from ..settings import VoiceSettings
@@ -61,6 +63,7 @@ class VoiceService:
         self.talk_error: str | None = None
         self.threads = settings.threads or default_threads()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="voice")
+        self._decoder: ProcessPoolExecutor | None = None  # FFmpeg on uploads, in a child (started at first use)
         self._loaded: dict[str, SpeechToText | TextToSpeech] = {}
         self._loading = asyncio.Lock()
         self.active = 0
@@ -91,6 +94,8 @@ class VoiceService:
             await self.talk.stop()
         self._loaded.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict:
         return {"stt_model": self.settings.stt_model, "tts_model": self.settings.tts_model,
@@ -153,6 +158,23 @@ class VoiceService:
             self._loaded[name] = engine
             return engine
 
+    async def _decode(self, upload: bytes):
+        """FFmpeg reads hostile uploads in a child process, as llama.cpp runs in one: a crash in a demuxer costs
+        that request a 400, not the appliance, and the child's memory is bounded."""
+        if self._decoder is None:
+            self._decoder = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=audio.bound_memory)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder, audio.decode, upload,
+                                                                    self.settings.max_audio_seconds)
+        except (BrokenProcessPool, MemoryError):
+            broken, self._decoder = self._decoder, None
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+            log.warning("the audio decoder failed on an upload of %d bytes; a new one starts with the next",
+                        len(upload))
+            raise audio.AudioError("the audio could not be decoded (the decoder failed on it)") from None
+
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
         async with self._ticket():
@@ -175,7 +197,7 @@ class VoiceService:
         name = self.resolve(model, "stt")
         engine = await self._engine(name, "stt")
         try:
-            samples = await self._run(audio.decode, upload, self.settings.max_audio_seconds)
+            samples = await self._decode(upload)
         except audio.AudioTooLong as e:
             raise VoiceError(str(e), param="file", code="audio_too_long") from None
         except audio.AudioError as e:
