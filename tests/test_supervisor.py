@@ -169,9 +169,8 @@ async def test_an_idle_worker_is_never_killed_for_silence(model_path):
     w = Watched(model_path, stall_timeout=1)
     await w.worker.start()
     pid = w.worker.pid
-    await asyncio.sleep(3)
-    assert await answer(w.worker, SHORT)
-    assert w.worker.pid == pid and w.restarted == 0
+    await asyncio.sleep(3)  # silent, owing nothing (a request with a 1 s bound could be starved on 2 loaded cores)
+    assert w.worker.state == "ready" and w.worker.pid == pid and w.restarted == 0
     await w.worker.stop()
 
 
