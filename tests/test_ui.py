@@ -182,15 +182,40 @@ def test_a_chat_streams_the_models_answer_as_it_is_generated_and_shows_its_speed
     assert visit.page.is_visible("#send") and not visit.page.is_visible("#stop")
     visit.page.screenshot(path=tmp_path / "chat-desktop.png")
 
-    visit.page.reload()  # conversations live in the browser
+    visit.page.reload()  # conversations live on the box
     visit.page.wait_for_selector(".msg.assistant")
     assert last_answer(visit) == answer
     asked = visit.page.eval_on_selector_all(".msg.user .body", "els => els.map(e => e.textContent)")
     assert asked[-1] == "Count to 100."
+    kept = visit.page.eval_on_selector("#conversation", "s => s.options.length")
     visit.page.click("#new-chat")
     assert visit.page.query_selector(".msg") is None
-    assert visit.page.eval_on_selector("#conversation", "s => s.options.length") == 2
+    assert visit.page.eval_on_selector("#conversation", "s => s.options.length") == kept + 1  # and a new one
+    assert visit.page.evaluate("localStorage.getItem('offgrid.conversations')") is None  # moved to the box, once
     assert visit.errors() == [] and visit.outside() == []
+
+
+def test_a_conversation_from_one_device_is_found_on_another(daemon, open_ui):
+    phone = open_ui(daemon.url, viewport=PHONE)
+    phone.page.wait_for_selector("#link.up")
+    phone.send("Where do otters sleep?")
+    phone.page.wait_for_selector(".msg.assistant footer", timeout=WAIT_MS)
+    laptop = open_ui(daemon.url)  # another browser: nothing in its localStorage
+    laptop.page.wait_for_selector("#link.up")
+    laptop.page.fill("#history-search", "otters sleep")
+    laptop.page.press("#history-search", "Enter")
+    laptop.page.wait_for_selector("#search-results mark")
+    assert "otters" in laptop.page.inner_text("#search-results mark").lower()
+    laptop.page.click("#search-results button")
+    laptop.page.wait_for_selector(".msg.user")
+    assert laptop.page.inner_text(".msg.user .body") == "Where do otters sleep?"
+    assert laptop.page.inner_text(".msg.assistant .body") == last_answer(phone)
+    laptop.page.click("#forget-chat")
+    laptop.page.wait_for_function("() => !document.querySelector('.msg.user')")
+    laptop.page.fill("#history-search", "otters")
+    laptop.page.press("#history-search", "Enter")
+    laptop.page.wait_for_selector("#search-results li.muted")  # deleted on the box: gone for every device
+    assert phone.errors() == [] and laptop.errors() == [] and laptop.outside() == []
 
 
 def test_stop_ends_a_generation_and_the_daemon_stops_generating(daemon, open_ui):

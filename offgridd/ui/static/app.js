@@ -146,9 +146,9 @@ async function errorFrom(resp) {
 }
 
 // fetch() with the saved keys; a 401 or an admin 403 asks the person for the key and tries again.
-async function call(path, { method = "GET", body, admin = false, signal, raw = false } = {}) {
+async function call(path, { method = "GET", body, admin = false, signal, raw = false, headers: extra = {} } = {}) {
   for (;;) {
-    const headers = authHeaders(admin);
+    const headers = { ...authHeaders(admin), ...extra };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const resp = await fetch(path, {
       method, headers, signal, cache: "no-store",
@@ -465,26 +465,72 @@ function renderPeers(list) {
   }));
 }
 
-/* ---------- chat ---------- */
+/* ---------- chat: conversations live on the box (/api/v1/conversations), so every device sees them ---------- */
 
-let conversations = saved.get("conversations", []);
-let current = saved.get("current", null);
+let conversations = []; // [{id, title, model, ...}], newest first, as the box lists them
+let current = saved.get("current", null); // the conversation shown; null: a new one, kept at its first answer
+let messages = []; // the shown conversation's messages, plus this page's errors and speeds
+let chosenModel = "";
 let generation = null; // {ctrl, message} while an answer streams
 
-function conversation() {
-  let c = conversations.find((x) => x.id === current);
-  if (!c) {
-    c = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6), title: "New conversation",
-      model: "", messages: [] };
-    conversations.unshift(c);
-    current = c.id;
-  }
-  return c;
+// Conversations this browser kept before history lived on the box go there once; the box skips ones it has.
+async function importBrowserHistory() {
+  const old = saved.get("conversations", null);
+  if (!Array.isArray(old) || !old.length) return;
+  const report = await call("/api/v1/conversations/import", { method: "POST", body: { saved: old } });
+  const moved = { ...report.already, ...report.imported };
+  if (current && moved[current]) current = moved[current];
+  localStorage.removeItem("offgrid.conversations");
+  saved.set("current", current);
 }
 
-function keep() {
-  saved.set("conversations", conversations.slice(0, 50));
+async function loadConversations() {
+  conversations = (await call("/api/v1/conversations?limit=50")).conversations;
+}
+
+async function openConversation(id) {
+  current = id;
+  messages = [];
+  if (id) {
+    try {
+      const t = await call(`/api/v1/conversations/${encodeURIComponent(id)}`);
+      messages = t.messages.map((m) => ({ role: m.role, content: m.content,
+        stats: m.completion_tokens ? `${m.completion_tokens} tokens` : "" }));
+      chosenModel = t.model || chosenModel;
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 404)) throw e;
+      current = null; // deleted elsewhere
+    }
+  }
   saved.set("current", current);
+  renderChat();
+}
+
+async function startHistory() {
+  try {
+    await importBrowserHistory();
+  } catch (e) {
+    showBanner("This browser's old conversations could not be moved to the box: " + explain(e));
+  }
+  try {
+    await loadConversations();
+    await openConversation(current);
+  } catch (e) {
+    showBanner(explain(e));
+    renderChat();
+  }
+}
+
+async function searchHistory(text) {
+  const list = $("search-results");
+  if (!text.trim()) { list.hidden = true; return; }
+  const { hits } = await call(`/api/v1/conversations/search?q=${encodeURIComponent(text)}`);
+  list.replaceChildren(...(hits.length ? hits.map((h) => el("li", {},
+    el("button", { type: "button", class: "quiet", onclick: () => { list.hidden = true; openConversation(h.conversation_id); } },
+      el("strong", { text: h.title }),
+      el("span", {}, ...h.snippet.map((part) => part.match ? el("mark", { text: part.text })
+        : document.createTextNode(part.text)))))) : [el("li", { class: "muted", text: "Nothing found." })]));
+  list.hidden = false;
 }
 
 // A readable subset of markdown: fenced code blocks and inline code. Everything else stays plain text.
@@ -522,12 +568,12 @@ function messageNode(msg) {
 }
 
 function renderChat() {
-  const c = conversation();
-  $("conversation").replaceChildren(...conversations.map((x) =>
-    el("option", { value: x.id, text: x.title }, null)));
-  $("conversation").value = c.id;
-  $("messages").replaceChildren(...c.messages.map(messageNode));
-  if (!c.messages.length) {
+  const options = conversations.map((x) => el("option", { value: x.id, text: x.title }));
+  if (!current) options.unshift(el("option", { value: "", text: "New conversation" }));
+  $("conversation").replaceChildren(...options);
+  $("conversation").value = current || "";
+  $("messages").replaceChildren(...messages.map(messageNode));
+  if (!messages.length) {
     $("messages").append(el("p", { class: "muted hint", text: "The built-in model is small and a base model: its "
       + "answers are short and odd. Import an instruct model for a better assistant." }));
   }
@@ -537,11 +583,10 @@ function renderChat() {
 
 function renderModelChoice() {
   const select = $("model");
-  const c = conversation();
   const fallback = (models.find((m) => m.default) || models[0] || {}).name;
   const chatModels = models.filter((m) => (m.kind || "llm") === "llm"); // speech models are not for chat
   select.replaceChildren(...chatModels.map((m) => el("option", { value: m.name, text: m.name })));
-  select.value = chatModels.some((m) => m.name === c.model) ? c.model : fallback || "";
+  select.value = chatModels.some((m) => m.name === chosenModel) ? chosenModel : fallback || "";
 }
 
 function setBusy(busy) {
@@ -554,16 +599,13 @@ function setBusy(busy) {
 async function send() {
   const text = $("prompt").value.trim();
   if (!text || generation) return;
-  const c = conversation();
-  c.model = $("model").value;
-  if (!c.messages.length) c.title = text.slice(0, 40);
-  c.messages.push({ role: "user", content: text });
-  const history = c.messages.filter((m) => m.role === "user" || m.role === "assistant")
+  chosenModel = $("model").value;
+  messages.push({ role: "user", content: text });
+  const history = messages.filter((m) => m.role === "user" || m.role === "assistant")
     .map(({ role, content }) => ({ role, content }));
   const answer = { role: "assistant", content: "" };
-  c.messages.push(answer);
+  messages.push(answer);
   $("prompt").value = "";
-  keep();
   renderChat();
   const node = $("messages").lastElementChild;
   const body = node.querySelector(".body");
@@ -583,9 +625,12 @@ async function send() {
   try {
     const resp = await call("/v1/chat/completions", {
       method: "POST", raw: true, signal: generation.ctrl.signal,
-      body: { model: c.model || undefined, messages: history, stream: true, max_tokens: MAX_TOKENS,
+      headers: { "X-Offgrid-Conversation": current || "new" }, // the box keeps the exchange once it is done
+      body: { model: chosenModel || undefined, messages: history, stream: true, max_tokens: MAX_TOKENS,
         stream_options: { include_usage: true } },
     });
+    current = resp.headers.get("X-Offgrid-Conversation") || current;
+    saved.set("current", current);
     await readEvents(resp.body, (_, data) => {
       if (data === "[DONE]") return false;
       const chunk = JSON.parse(data);
@@ -611,13 +656,15 @@ async function send() {
   answer.stats = [`${tokens} tokens`, rate && `${rate.toFixed(1)} tokens/s`,
     generation.ctrl.signal.aborted && "stopped"].filter(Boolean).join(" · ");
   if (failed) {
-    c.messages.push({ role: "error", content: failed });
+    messages.push({ role: "error", content: failed });
     showBanner(failed);
   }
-  if (!answer.content && !generation.ctrl.signal.aborted) c.messages.splice(c.messages.indexOf(answer), 1);
+  if (!answer.content && !generation.ctrl.signal.aborted) messages.splice(messages.indexOf(answer), 1);
   $("speed").textContent = rate ? `Last answer: ${rate.toFixed(1)} tokens/s` : "";
   generation = null;
-  keep();
+  try {
+    await loadConversations(); // its title and place in the list, as the box keeps them
+  } catch { /* the list is refreshed with the next answer */ }
   renderChat();
   setBusy(false);
 }
@@ -664,26 +711,28 @@ function wire() {
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", () => {
     if (generation) return;
-    current = null;
-    conversation();
-    keep();
-    renderChat();
+    openConversation(null);
     $("prompt").focus();
   });
-  $("forget-chat").addEventListener("click", () => {
-    if (generation) return;
-    conversations = conversations.filter((x) => x.id !== current);
-    current = conversations.length ? conversations[0].id : null;
-    keep();
-    renderChat();
+  $("forget-chat").addEventListener("click", async () => {
+    if (generation || !current) return;
+    try {
+      await call(`/api/v1/conversations/${encodeURIComponent(current)}`, { method: "DELETE" });
+      await loadConversations();
+    } catch (e) {
+      showBanner(explain(e));
+    }
+    openConversation(conversations.length ? conversations[0].id : null);
   });
   $("conversation").addEventListener("change", (e) => {
-    if (generation) { e.target.value = current; return; }
-    current = e.target.value;
-    keep();
-    renderChat();
+    if (generation) { e.target.value = current || ""; return; }
+    openConversation(e.target.value || null).catch((err) => showBanner(explain(err)));
   });
-  $("model").addEventListener("change", (e) => { conversation().model = e.target.value; keep(); });
+  $("model").addEventListener("change", (e) => { chosenModel = e.target.value; });
+  $("history-search").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); searchHistory(e.target.value).catch((err) => showBanner(explain(err))); }
+    if (e.key === "Escape") { e.target.value = ""; $("search-results").hidden = true; }
+  });
   $("mic").addEventListener("click", toggleMic);
 }
 
@@ -811,4 +860,5 @@ const tab = saved.get("tab", "chat");
 showTab(tab === "peers" ? "chat" : tab);
 renderChat();
 refreshAll();
+startHistory();
 listen();
