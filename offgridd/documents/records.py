@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
+from urllib.parse import unquote
 
 KINDS = ("text", "markdown", "html", "pdf")
 MAX_NAME_CHARS = 200
@@ -94,7 +95,8 @@ def clean_filename(name: object) -> str:
     """A file name to show and cite: its last path part, without control characters, bounded; never a path."""
     if not isinstance(name, str):
         return "document"
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    # clients percent-encode a multipart file name (aiohttp does): "..%2Fetc%2Fx" is the path "../etc/x"
+    name = unquote(name).replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     name = " ".join(name.split()).strip(". ")[:MAX_NAME_CHARS]
     return name or "document"
