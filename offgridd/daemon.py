@@ -15,6 +15,7 @@ from . import status
 from .api.app import init_app
 from .audit import Audit
 from .db import Database
+from .documents import DocumentStore, Limits
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
@@ -38,6 +39,20 @@ STATUS_EVERY_S = 5.0
 KEEPALIVE_S = 15.0  # an idle connection is closed after this long (aiohttp's handler would keep it an hour)
 MAX_CONNECTIONS = 512  # in all: well under the unit's LimitNOFILE, with room for models, workers and the database
 MAX_CONNECTIONS_PER_CLIENT = 64
+
+
+def documents(settings: Settings, db: Database, inference: Inference) -> DocumentStore:
+    """Documents embedded by the configured embedding model (the default model unless one is named), through the
+    worker, under the same admission as chat."""
+    model = settings.documents.embedding_model or settings.model
+    d = settings.documents
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return (await inference.embed(model, texts)).vectors
+
+    return DocumentStore(db, embed, model=model, limits=Limits(
+        max_upload_bytes=d.max_upload_bytes, max_total_bytes=d.max_total_bytes, chunk_words=d.chunk_words,
+        overlap_words=d.overlap_words, top_k=d.top_k))
 
 
 def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
@@ -66,6 +81,8 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
     if settings.voice.enabled:  # speech takes its turn in the same queue as chat
         rt.voice = VoiceService(settings.voice, store, admission.ticket, inference.idle,
                                 wait_limit=settings.queue_timeout, chat=inference.generate)
+    if settings.documents.enabled:
+        rt.documents = documents(settings, db, inference)
     return rt
 
 

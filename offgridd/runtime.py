@@ -10,6 +10,7 @@ from typing import Protocol
 
 from .audit import Audit
 from .db import Database
+from .documents import DocumentStore
 from .events import EventBus
 from .hardware.profiles import Detection
 from .hardware.service import HardwareService
@@ -56,6 +57,7 @@ class Runtime:
     peers: PeerService | None = None
     history: ConversationStore | None = None
     voice: VoiceService | None = None
+    documents: DocumentStore | None = None  # uploads searched and chats grounded in them
     running: list[Service] = field(default_factory=list)  # ... or not running: it failed to start
     started_at: float = field(default_factory=time.time)
     phase: str = "starting"  # starting | loading | ready | unavailable (no model can be served) | stopping

@@ -65,6 +65,17 @@ class HardwareSettings:
 
 
 @dataclass(slots=True, kw_only=True)
+class DocumentSettings:
+    enabled: bool = True  # /api/v1/documents: uploads searched by meaning and words, and chats grounded in them
+    max_upload_bytes: int = 32 << 20  # one upload; larger ones are refused (413)
+    max_total_bytes: int = 512 << 20  # all uploads together; 0: no bound
+    chunk_words: int = 120  # words per chunk (about 160 tokens), each chunk within one page
+    overlap_words: int = 30  # words a chunk shares with the one before
+    top_k: int = 5  # passages a grounded chat gets, and a search returns unless asked
+    embedding_model: str = ""  # the model whose embeddings index documents; empty: the default model
+
+
+@dataclass(slots=True, kw_only=True)
 class VoiceSettings:
     enabled: bool = True  # /v1/audio/*: speech to text and text to speech
     stt_model: str = "whisper-tiny.en"  # what whisper-1 (and no model) means
@@ -135,6 +146,7 @@ class Settings:
     hardware: HardwareSettings = dataclasses.field(default_factory=HardwareSettings)
     history: HistorySettings = dataclasses.field(default_factory=HistorySettings)
     voice: VoiceSettings = dataclasses.field(default_factory=VoiceSettings)
+    documents: DocumentSettings = dataclasses.field(default_factory=DocumentSettings)
 
     def validate(self) -> None:
         checks = {
@@ -155,6 +167,11 @@ class Settings:
             "worker_start_timeout": self.worker_start_timeout > 0,
             "log_level": self.log_level.lower() in ("debug", "info", "warning", "error"),
         }
+        checks |= {"documents.max_upload_bytes": self.documents.max_upload_bytes >= 1,
+                   "documents.max_total_bytes": self.documents.max_total_bytes >= 0,
+                   "documents.chunk_words": 16 <= self.documents.chunk_words <= 1024,
+                   "documents.overlap_words": 0 <= self.documents.overlap_words < self.documents.chunk_words,
+                   "documents.top_k": 1 <= self.documents.top_k <= 50}
         checks |= {
             "peers.port": 0 <= self.peers.port <= 65535,
             "peers.sync": self.peers.sync in ("off", "pull"),
