@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -709,3 +710,29 @@ async def test_a_spoken_question_is_answered_by_the_default_model_through_infere
 
     assert await answer_with(generate, "What is the capital of France?") == "Paris is the capital."
     assert seen["model"] is None and seen["messages"][0]["content"].startswith("What is") and seen["closed"]
+
+
+def test_where_memory_may_not_be_writable_and_executable_speech_to_text_fails_its_self_test_saying_why(speech_store):
+    """systemd's MemoryDenyWriteExecute=yes, as Linux's prctl(PR_SET_MDWE) imposes it on one process: CTranslate2's
+    x86-64 build (oneDNN) cannot run there; it must fail at load with the reason, never mid-request or silently."""
+    script = f"""
+import ctypes, sys
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    print("no-mdwe"); sys.exit()
+import numpy as np
+from offgridd.store import ModelStore
+from offgridd.voice.engines import SpeechToText
+store = ModelStore({str(speech_store.root)!r})
+try:
+    stt = SpeechToText("whisper-tiny.en", store.path_of(store.get("whisper-tiny.en")), 2)
+except RuntimeError as e:
+    print("refused:", e)
+else:
+    print("ran:", repr(stt.transcribe(np.zeros(16000, np.float32), language=None, prompt=None, temperature=None,
+                                      words=False).text))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if out.stdout.startswith("no-mdwe"):
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ran:") or "MemoryDenyWriteExecute" in out.stdout, out.stdout

@@ -65,6 +65,15 @@ class SpeechToText:
         self.english_only = (info.language or "").startswith("en") and ".en" in name
         self.model = WhisperModel(f"offgridd:{name}", device="cpu", compute_type="int8", cpu_threads=threads,
                                   files=files)
+        try:  # prove the engine on a second of silence before saying it is loaded, as the LLM worker does
+            list(self.model.transcribe(np.zeros(16000, np.float32), language="en")[0])
+        except RuntimeError as e:
+            hint = ""
+            if "primitive" in str(e):
+                hint = ("; CTranslate2's x86-64 build compiles its kernels at run time and needs memory that is "
+                        "writable and executable, which MemoryDenyWriteExecute=yes forbids (docs/voice.md says how "
+                        "to allow it for speech to text)")
+            raise RuntimeError(f"the speech-to-text engine failed its self-test: {e}{hint}") from None
 
     def transcribe(self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float | None,
                    words: bool) -> Transcript:

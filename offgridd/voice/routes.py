@@ -26,7 +26,7 @@ def _voice(request: web.Request) -> VoiceService:
 
 
 def _translate(e: VoiceError) -> ApiError:
-    return ApiError(400, str(e), param=e.param, code=e.code)
+    return ApiError(e.status, str(e), param=e.param, code=e.code)
 
 
 async def _read_form(request: web.Request, limit: int) -> tuple[bytes | None, dict[str, list[str]]]:

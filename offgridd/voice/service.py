@@ -37,9 +37,9 @@ KIND_NAMES = {"llm": "a language (llm)", "stt": "a speech-to-text (stt)", "tts":
 class VoiceError(Exception):
     """A speech request this box will not run; `param` names the field to fix."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param, self.code = param, code
+        self.param, self.code, self.status = param, code, status
 
 
 def default_threads() -> int:
@@ -151,8 +151,8 @@ class VoiceService:
             except Exception as e:  # a damaged or foreign bundle costs this model, not the daemon
                 log.exception("loading the speech model %s failed", name)
                 self.errors[name] = f"{type(e).__name__}: {e}"
-                raise VoiceError(f"the speech model {name} could not be loaded: {e}", param="model",
-                                 code="model_load_failed") from None
+                raise VoiceError(f"the speech model {name} cannot run on this box: {e}", param="model",
+                                 code="model_load_failed", status=503) from None
             self.errors.pop(name, None)
             log.info("loaded speech model %s (%s) in %.1fs", name, manifest.engine, time.monotonic() - started)
             self._loaded[name] = engine
