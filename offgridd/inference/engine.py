@@ -9,6 +9,7 @@ all of them; with Gemma 3's 262k-token vocabulary that costs about 0.35 ms a tok
   of them, so top-k keeps the same tokens in the same order and every later step sees the same array; with fewer, the
   whole vocabulary goes in as before: about 0.07 ms instead of 0.2 ms.
 Anything else (penalties, grammars, mirostat, logit processors) goes through llama.cpp's sampler chain unchanged.
+A SequenceSampler with a grammar checks the likeliest tokens against it first (docs/structured-output.md).
 
 The engine can also load on a *safe path*: no extra buffer types, so weights are not repacked into the CPU's special
 layouts (AMX on x86, the Q4_0 interleave that makes ARM fast). It exists for CPUs whose repacked kernels crash
