@@ -6,6 +6,8 @@ speech model whose engine needs several files, held as one bundle blob: `bundle.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -252,27 +254,28 @@ class ModelStore:
             if expected_sha256 is not None and digest != expected_sha256:
                 raise StoreError(f"sha256 mismatch: expected {expected_sha256}, got {digest}")
             described = _describe(staged, kind)
-            existing = self.find(name)
-            if existing and existing.sha256 != digest:
-                raise StoreError(f"name {name!r} is already used by another model (sha256 {existing.sha256[:12]}…)")
-            if isinstance(described, BundleInfo):
-                manifest = ModelManifest(
-                    name=name, sha256=digest, size=size, architecture=described.architecture,
-                    quantization=described.quantization, context_length=0, has_chat_template=False,
-                    source=source, license=license or described.license,
-                    added=existing.added if existing else time.time(), kind=described.kind,
-                    engine=described.engine, language=described.language,
-                )
-            else:
-                manifest = ModelManifest(
-                    name=name, sha256=digest, size=size, architecture=described.architecture,
-                    quantization=described.quantization, context_length=described.context_length,
-                    has_chat_template=described.has_chat_template, hyperparameters=described.hyperparameters,
-                    source=source, license=license, added=existing.added if existing else time.time(),
-                )
-            self._commit_blob(staged, digest)
-            self._write_manifest(manifest)
-            return manifest
+            with self._committing():  # the name's check, the blob and the manifest, as one step
+                existing = self.find(name)
+                if existing and existing.sha256 != digest:
+                    raise StoreError(f"name {name!r} is already used by another model (sha256 {existing.sha256[:12]}…)")
+                if isinstance(described, BundleInfo):
+                    manifest = ModelManifest(
+                        name=name, sha256=digest, size=size, architecture=described.architecture,
+                        quantization=described.quantization, context_length=0, has_chat_template=False,
+                        source=source, license=license or described.license,
+                        added=existing.added if existing else time.time(), kind=described.kind,
+                        engine=described.engine, language=described.language,
+                    )
+                else:
+                    manifest = ModelManifest(
+                        name=name, sha256=digest, size=size, architecture=described.architecture,
+                        quantization=described.quantization, context_length=described.context_length,
+                        has_chat_template=described.has_chat_template, hyperparameters=described.hyperparameters,
+                        source=source, license=license, added=existing.added if existing else time.time(),
+                    )
+                self._commit_blob(staged, digest)
+                self._write_manifest(manifest)
+                return manifest
         finally:
             if partial is None or written:
                 staged.unlink(missing_ok=True)
@@ -286,6 +289,17 @@ class ModelStore:
                 size += len(block)
         return write_hashing(staged, chunks, mode="ab" if resume else "xb", digest=digest, done=size,
                              on_progress=on_progress)
+
+    @contextlib.contextmanager
+    def _committing(self) -> Iterator[None]:
+        """One commit (or removal) at a time, across threads and processes (the daemon, a stick, a peer pull,
+        `offgridd models import`): two imports of one name with different bytes cannot both find it free."""
+        with open(self.root / ".commit.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _commit_blob(self, staged: Path, digest: str) -> None:
         blob = self.blob_path(digest)
@@ -309,11 +323,12 @@ class ModelStore:
 
     def remove(self, name: str) -> ModelManifest:
         """Drop a model's manifest, and its blob when no other manifest shares it."""
-        manifest = self.get(name)
-        (self.manifests / f"{name}.json").unlink()
-        _fsync_dir(self.manifests)
-        if not any(m.sha256 == manifest.sha256 for m in self.list()):
-            self.blob_path(manifest.sha256).unlink(missing_ok=True)
+        with self._committing():  # not while an import of the same bytes is taking the blob for its manifest
+            manifest = self.get(name)
+            (self.manifests / f"{name}.json").unlink()
+            _fsync_dir(self.manifests)
+            if not any(m.sha256 == manifest.sha256 for m in self.list()):
+                self.blob_path(manifest.sha256).unlink(missing_ok=True)
         return manifest
 
     def verify(self, name: str) -> tuple[bool, str]:
