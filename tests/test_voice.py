@@ -736,3 +736,11 @@ else:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ran:") or "MemoryDenyWriteExecute" in out.stdout, out.stdout
+
+
+def test_a_chat_naming_a_speech_model_is_a_400_and_no_speech_model_stands_in(client):
+    with pytest.raises(openai.BadRequestError, match="speech"):
+        client.chat.completions.create(model="piper-joe-medium", max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="speech"):
+        client.embeddings.create(model="whisper-tiny.en", input="hi")

@@ -81,7 +81,8 @@ def plan_load(requested: ModelManifest, store: list[ModelManifest], *, ctx: int,
         return rank, -m.size, m.name
 
     for other in sorted(store, key=preference):
-        if other.name == requested.name or other.name in bad or _too_big(other, max_model_bytes):
+        if other.name == requested.name or other.name in bad or _too_big(other, max_model_bytes) \
+                or other.kind != "llm":  # a speech model never stands in for a language model
             continue
         if (c := _best_ctx(other, ctx, sequences, budget)) is not None:
             return LoadPlan(manifest=other, ctx=c, needs_bytes=estimate(other, c, sequences),

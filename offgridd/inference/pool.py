@@ -49,6 +49,9 @@ class ModelPool:
         """
         loop = asyncio.get_running_loop()
         requested = await loop.run_in_executor(None, self.store.get, name)
+        if requested.kind != "llm":
+            raise InferenceError(400, f"model {name!r} is a {requested.kind} model (speech); it serves "
+                                 f"/v1/audio/*, not text generation or embeddings")
         worker = self.workers.get(name)
         if worker is not None and worker.state != "failed" and worker.config.path == self.store.path_of(requested):
             return worker
