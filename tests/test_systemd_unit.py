@@ -207,3 +207,15 @@ def test_sysusers_snippet_creates_the_offgridd_system_user(tmp_path):
     passwd = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
     assert passwd["offgridd"][5] == "/var/lib/offgridd"
     assert int(passwd["offgridd"][2]) < 1000  # a system user
+
+
+@needs_systemd_analyze
+def test_the_x86_speech_drop_in_relaxes_only_executable_memory_and_stays_under_the_bar(tmp_path):
+    drop_in = SYSTEMD_DIR / "offgridd-x86-speech.conf"
+    settings = [line for line in drop_in.read_text().splitlines() if line and not line.startswith(("#", "["))]
+    assert settings == ["MemoryDenyWriteExecute=no"]
+    merged = tmp_path / "offgridd.service"
+    merged.write_text(UNIT.read_text() + "\n" + drop_in.read_text())
+    result = run_analyze("security", "--offline=yes", str(merged))
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, result.stdout
