@@ -19,8 +19,10 @@ from ..history.routes import CONVERSATION_HEADER, HISTORY, owner_of
 from ..inference import Done, Generation, InferenceError, Overloaded, Token
 from ..store import UnknownModel
 from ..web import ELSEWHERE, ApiError, as_api_error, charge, error_body, read_json
+from . import logprobs
 from .keys import RUNTIME
 from .schemas import GenerationRequest, parse_chat, parse_completion, parse_embeddings
+from .tools import Call, ReplyReader, settle
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_completion(await read_json(request)), chat=False)
 
 
-async def _elsewhere(request: web.Request, model: str | None, refused: Exception) -> web.StreamResponse:
+async def elsewhere(request: web.Request, model: str | None, refused: Exception) -> web.StreamResponse:
     """This node cannot serve the request (no such model here, or too busy): a peer may. Raises `refused` if none
     takes it."""
     for route in request.app.get(ELSEWHERE, ()):
@@ -68,7 +70,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     try:
         result = await request.app[RUNTIME].inference.embed(model, inputs)
     except (UnknownModel, Overloaded) as e:
-        return await _elsewhere(request, model, e)
+        return await elsewhere(request, model, e)
     n = result.prompt_tokens
     charge(request, n)
     return web.json_response({
@@ -91,7 +93,7 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool) ->
     except (UnknownModel, Overloaded) as e:
         if kept is not None:
             await kept.drop()
-        return await _elsewhere(request, req.model, e)
+        return await elsewhere(request, req.model, e)
     async with generation:  # errors from here on come from a request the worker started
         try:
             return await _answer(request, req, chat, generation, kept)
@@ -106,19 +108,28 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool) ->
 
 async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation,
                   kept: Kept | None):
-    shape = _Shape(generation.model, chat, req.params.get("n") or 1)
+    shape = _Shape(generation.model, chat, req.params.get("n") or 1, prompt=req.prompt)
     headers = kept.headers if kept is not None else None
+    scored = "logprobs" in req.params
     if req.stream:
-        return await _stream(request, generation, shape, req.include_usage, kept)
+        if req.tools is None and not scored:  # the plain path: pre-encoded events, nothing read per token
+            return await _stream(request, generation, shape, req.include_usage, kept)
+        return await _stream_read(request, generation, shape, req, kept)
     texts: list[list[str]] = [[] for _ in range(shape.n)]
+    entries: list[list[dict]] | None = [[] for _ in range(shape.n)] if scored else None
     async for event in generation:
         if isinstance(event, Token):
             texts[event.index].append(event.text)
+            if entries is not None and event.logprobs:
+                entries[event.index].extend(event.logprobs)
     if generation.done is None:
         raise ApiError(500, "the worker ended the request without finishing it")
     if kept is not None:
         kept.text = texts[0]
-    return web.json_response(shape.whole(["".join(t) for t in texts], generation.done), headers=headers)
+    whole = ["".join(t) for t in texts]
+    answers = [(text, *settle(req.tools, text, reason)) for text, reason in zip(
+        whole, generation.done.finish_reasons, strict=True)]
+    return web.json_response(shape.whole(answers, generation.done, entries), headers=headers)
 
 
 class Kept:
@@ -210,6 +221,69 @@ async def _stream(request: web.Request, generation: Generation, shape: _Shape, i
     return resp
 
 
+async def _stream_read(request: web.Request, generation: Generation, shape: _Shape, req: GenerationRequest,
+                       kept: Kept | None) -> web.StreamResponse:
+    """A stream whose text is read as it comes: for tool calls (streamed as OpenAI does, a call's id and name
+    first, then its arguments) and for logprobs, which ride on the chunk of their text."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no", **(kept.headers if kept is not None else {})})
+    await resp.prepare(request)
+    usage_field = {"usage": None} if req.include_usage else {}
+    readers = [ReplyReader(req.tools) for _ in range(shape.n)]
+    pending: list[list[dict]] = [[] for _ in range(shape.n)]  # logprobs of text not sent yet
+    legacy = [logprobs.Legacy(req.prompt or "") for _ in range(shape.n)]
+    scored = "logprobs" in req.params
+
+    async def send(delta, finish: str | None, index: int) -> None:
+        lp = None
+        if scored and (pending[index] or finish is not None):
+            entries, pending[index] = pending[index], []
+            lp = logprobs.chat(entries) if shape.chat else legacy[index].shape(entries)
+        obj = {**shape.chunk(delta, finish, index, lp), **usage_field}
+        await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    async def say(events: list[tuple], index: int) -> None:
+        for event in events:
+            if event[0] == "content":
+                await send(event[1], None, index)
+            elif event[0] == "call":
+                call: Call = event[1]
+                await send({"tool_calls": [{"index": len(readers[index].calls) - 1, "id": call.id, "type": "function",
+                                            "function": {"name": call.name, "arguments": ""}}]}, None, index)
+            else:
+                await send({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}, None, index)
+
+    if shape.chat:
+        for index in range(shape.n):
+            await send({"role": "assistant", "content": None if req.tools else ""}, None, index)
+    try:
+        async for event in generation:
+            if isinstance(event, Token):
+                if event.logprobs:
+                    pending[event.index].extend(event.logprobs)
+                if kept is not None and event.index == 0:
+                    kept.text.append(event.text)
+                await say(readers[event.index].feed(event.text), event.index)
+            else:
+                for index, reason in enumerate(event.finish_reasons):
+                    reader = readers[index]
+                    await say(reader.finish(), index)
+                    if reason == "stop" and reader.calls and reader.complete:
+                        reason = "tool_calls"
+                    await send({} if shape.chat else "", reason, index)
+                if req.include_usage:
+                    obj = {**shape.chunk(None, None), "choices": [], "usage": _usage(event)}
+                    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+    except (ApiError, InferenceError) as e:
+        err = as_api_error(e)
+        await resp.write(b"data: " + json.dumps(error_body(err.status, err.message, err.param, err.code)).encode()
+                         + b"\n\n")
+        return resp
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
 def _usage(done: Done) -> dict:
     p, c = done.prompt_tokens, done.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -218,8 +292,8 @@ def _usage(done: Done) -> dict:
 class _Shape:
     """Chat and text completions differ only in their object names and where the text goes."""
 
-    def __init__(self, model: str, chat: bool, n: int = 1):
-        self.model, self.chat, self.n = model, chat, n
+    def __init__(self, model: str, chat: bool, n: int = 1, prompt: str | None = None):
+        self.model, self.chat, self.n, self.prompt = model, chat, n, prompt
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -227,21 +301,30 @@ class _Shape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def chunk(self, delta, finish: str | None, index: int = 0) -> dict:
+    def chunk(self, delta, finish: str | None, index: int = 0, lp: dict | None = None) -> dict:
         if self.chat:
             if isinstance(delta, str):
                 delta = {"content": delta}
-            choice = {"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": delta or "", "logprobs": lp, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def whole(self, texts: list[str], done: Done) -> dict:
-        reasons = done.finish_reasons
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
-            return {**self._head("chat.completion"), "choices": choices, "usage": _usage(done)}
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
-        return {**self._head("text_completion"), "choices": choices, "usage": _usage(done)}
+    def whole(self, answers: list[tuple[str, list[Call] | None, str]], done: Done,
+              entries: list[list[dict]] | None = None) -> dict:
+        """Each choice from (its text, its tool calls or None, its finish reason)."""
+        choices = []
+        for i, (text, calls, reason) in enumerate(answers):
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                if calls:
+                    message = {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                        for c in calls]}
+                lp = logprobs.chat(entries[i]) if entries is not None else None
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+            else:
+                lp = logprobs.Legacy(self.prompt or "").shape(entries[i]) if entries is not None else None
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": _usage(done)}

@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..web import ApiError
+from .tools import ToolUse, format_grammar, tool_use
 
 MAX_STOPS = 8
 MAX_MESSAGES = 1024
 MAX_PARTS = 64  # text parts in one message's content
 MAX_CHOICES = 8  # OpenAI's n: choices decoded together as sequences of one prompt
 MAX_EMBED_INPUTS = 256
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOP_LOGPROBS = 20
+MAX_CALLS = 64  # tool calls in one assistant message of the history
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +25,7 @@ class GenerationRequest:
     params: dict
     stream: bool
     include_usage: bool
+    tools: ToolUse | None = None  # tools the reply may call (None: plain text)
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> float | int | None:
@@ -64,15 +68,10 @@ def _text(value: object, param: str) -> str:
     raise ApiError(400, f"'{param}' must be a string or a list of at most {MAX_PARTS} text parts", param=param)
 
 
-def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> GenerationRequest:
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise ApiError(400, f"'{key}' is not supported by this server", param=key)
-    if body.get("logprobs") not in (None, False, 0):
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+def generation_request(body: dict, prompt: str | None, messages: list[dict] | None, *, logprobs: int | None = None,
+            tools: ToolUse | None = None, grammar: str | None = None) -> GenerationRequest:
+    if grammar is None:
+        grammar = format_grammar(body.get("response_format"), "response_format")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -97,6 +96,9 @@ def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> Gene
         "seed": _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True),
         "n": _number(body, "n", 1, MAX_CHOICES, integer=True),
         "stop": stop,
+        "grammar": grammar,
+        "logprobs": logprobs,
+        "tools": tools.tools if tools is not None else None,
     }
     if params["seed"] is not None:
         params["seed"] %= 1 << 32
@@ -108,21 +110,65 @@ def _common(body: dict, prompt: str | None, messages: list[dict] | None) -> Gene
         raise ApiError(400, "'stream_options' must be an object like {'include_usage': true}", param="stream_options")
     return GenerationRequest(model=_model(body), prompt=prompt, messages=messages,
                              params={k: v for k, v in params.items() if v is not None}, stream=stream,
-                             include_usage=bool(options.get("include_usage")))
+                             include_usage=bool(options.get("include_usage")), tools=tools)
 
 
 def parse_chat(body: dict) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
         raise ApiError(400, f"'messages' must be a list of 1 to {MAX_MESSAGES} messages", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}] must be an object with a role among {', '.join(ROLES)}",
-                           param=f"messages[{i}].role")
-        content = _text(m.get("content") if m.get("content") is not None else "", f"messages[{i}].content")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return _common(body, None, clean)
+    clean = [_message(m, i) for i, m in enumerate(messages)]
+    for key in ("functions", "function_call"):
+        if body.get(key) is not None:
+            raise ApiError(400, f"'{key}' is deprecated by OpenAI and not served here: send 'tools' (and "
+                           "'tool_choice') instead", param=key)
+    use, grammar = tool_use(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if grammar is not None and body.get("response_format") not in (None, {"type": "text"}):
+        raise ApiError(400, "'response_format' together with callable tools is not supported here: send one, or "
+                       "tool_choice 'none'", param="response_format")
+    logprobs = body.get("logprobs")
+    if logprobs not in (None, True, False):
+        raise ApiError(400, "'logprobs' must be a boolean (and 'top_logprobs' the alternatives per token)",
+                       param="logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return generation_request(body, None, clean, logprobs=(top or 0) if logprobs else None, tools=use, grammar=grammar)
+
+
+def _message(m: object, i: int) -> dict:
+    """One chat message as the worker takes it: text content, and an assistant's calls or a tool's result."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(400, f"messages[{i}] must be an object with a role among {', '.join(ROLES)}",
+                       param=f"messages[{i}].role")
+    role = "system" if m["role"] == "developer" else m["role"]
+    out = {"role": role,
+           "content": _text(m.get("content") if m.get("content") is not None else "", f"messages[{i}].content")}
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
+            raise ApiError(400, f"messages[{i}] (a tool result) needs the 'tool_call_id' it answers",
+                           param=f"messages[{i}].tool_call_id")
+        out["tool_call_id"] = unicode(m["tool_call_id"], f"messages[{i}].tool_call_id")
+    if isinstance(m.get("name"), str) and m["name"]:
+        out["name"] = unicode(m["name"], f"messages[{i}].name")
+    if m.get("tool_calls") is not None:
+        if role != "assistant":
+            raise ApiError(400, f"messages[{i}]: only assistant messages hold tool_calls",
+                           param=f"messages[{i}].tool_calls")
+        out["tool_calls"] = [_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(
+            m["tool_calls"] if isinstance(m["tool_calls"], list) and len(m["tool_calls"]) <= MAX_CALLS else [None])]
+    return out
+
+
+def _call(call: object, param: str) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", "{}"), str) or not isinstance(call.get("id", ""), str)):
+        raise ApiError(400, f"'{param}' must be {{'id', 'type': 'function', 'function': {{'name', 'arguments': "
+                       "<JSON text>}}}}", param=param)
+    return {"id": unicode(call.get("id") or "", param), "type": "function",
+            "function": {"name": unicode(function["name"], param),
+                         "arguments": unicode(function.get("arguments", "{}"), param)}}
 
 
 def parse_completion(body: dict) -> GenerationRequest:
@@ -134,7 +180,15 @@ def parse_completion(body: dict) -> GenerationRequest:
     unicode(prompt, "prompt")
     if body.get("echo"):
         raise ApiError(400, "echo is not supported by this server", param="echo")
-    return _common(body, prompt, None)
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise ApiError(400, f"'{key}' belong in /v1/chat/completions or /v1/responses", param=key)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"'logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS} (the alternatives "
+                       "per token)", param="logprobs")
+    return generation_request(body, prompt, None, logprobs=logprobs)
 
 
 def parse_embeddings(body: dict) -> tuple[str | None, list[str], bool]:
