@@ -1,0 +1,47 @@
+"""Documents through a real daemon: its own worker embeds an upload, the search finds it by file and page, and the
+daemon's event loop never waits on extraction, embedding or sqlite meanwhile."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from conftest import http, private_state, running_daemon
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import documents_bench as bench  # noqa: E402
+
+
+def multipart(fields: dict[str, str], name: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_daemon_reads_embeds_and_finds_an_uploaded_pdf_and_forgets_it_when_deleted(model_state, tmp_path):
+    guide = bench.field_guide()
+    first_aid = next(d for d in guide["documents"] if d["file"] == "first-aid.md")
+    with running_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
+                        env={"OFFGRID_DOCUMENTS_MAX_UPLOAD_BYTES": "100000"}) as daemon:
+        body, headers = multipart({"collection": "kit"}, "first-aid.pdf", bench.pdf_of(first_aid["pages"]))
+        status, _, raw = http("POST", f"{daemon.url}/api/v1/documents", body, headers, timeout=300)
+        assert status == 201, raw
+        document = json.loads(raw)
+        assert (document["kind"], document["pages"], document["chunks"]) == ("pdf", 8, 8)
+        body, headers = multipart({"collection": "kit"}, "big.txt", b"x" * 100_001)
+        status, _, raw = http("POST", f"{daemon.url}/api/v1/documents", body, headers)
+        assert status == 413 and b"max_upload_bytes" in raw
+        status, _, raw = http("GET", f"{daemon.url}/api/v1/documents/search?collection=kit&q=recipe+for+oral+"
+                                     "rehydration+salts")
+        top = json.loads(raw)["passages"][0]
+        assert status == 200 and (top["filename"], top["page"]) == ("first-aid.pdf", 6)
+        status, _, _ = http("DELETE", f"{daemon.url}/api/v1/documents/{document['id']}")
+        assert status == 200
+        status, _, raw = http("GET", f"{daemon.url}/api/v1/documents/search?collection=kit&q=rehydration")
+        assert status == 200 and json.loads(raw)["passages"] == []
