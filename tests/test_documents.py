@@ -120,6 +120,7 @@ async def test_a_grounded_chat_gets_numbered_passages_after_its_own_system_promp
     assert await ground(plain, "empty", store) == (plain, [])
 
 
+@pytest.mark.timeout(900)  # 32 pages and 32 questions embedded on 2 shared cores: 2-5 minutes under load
 async def test_recall_at_5_on_the_field_guide_with_the_real_model(store, capsys):
     guide = bench.field_guide()
     started, pages = time.perf_counter(), 0
