@@ -224,3 +224,12 @@ async def test_a_malformed_upload_request_is_a_4xx(client):
     assert (await client.get("/api/v1/documents/search?q=", headers=CHAT)).status == 400
     assert (await client.get("/api/v1/documents/search?q=x&method=magic", headers=CHAT)).status == 400
     assert (await client.delete("/api/v1/documents/abc", headers=ADMIN)).status == 404
+
+
+async def test_with_documents_off_the_routes_say_so(tmp_path):
+    rt = build_runtime(load_settings(env={"OFFGRID_DOCUMENTS_ENABLED": "false"}, flags={"state": str(tmp_path)}))
+    assert rt.documents is None
+    async with TestClient(TestServer(init_app(rt))) as client:
+        resp = await client.get("/api/v1/documents/search?q=water")
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "documents_disabled"
+    rt.db.close()
