@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..jobs import Job, JobBoard
-from ..store import ModelStore, StoreError
-from ..store.store import CHUNK
+from ..store import CHUNK, ModelStore, StoreError
 from .stick import Stick, StickError, StickFileError, StickModel, open_on_stick, read_stick
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..store.store import SHA256_RE, name_from_filename, valid_name
+from ..store import SHA256_RE, name_from_filename, valid_name
 
 FORMAT_VERSION = 1
 MANIFEST = "OFFGRID/manifest.json"
