@@ -140,3 +140,9 @@ def test_the_checker_sees_a_cycle_and_an_upward_import():
     made_up = {"offgridd.usb.watcher": {"offgridd.api.app"}, "offgridd.api.app": {"offgridd.usb.watcher"}}
     assert cycles(made_up) == [["offgridd.api.app", "offgridd.usb.watcher"]]
     assert ORDER.index(layer_of("offgridd.api.app")) < ORDER.index(layer_of("offgridd.usb.watcher"))
+
+
+def test_other_packages_use_the_store_s_public_names(graph):
+    inside = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
+              if b.startswith("offgridd.store.") and not a.startswith("offgridd.store")]
+    assert inside == [], "import offgridd.store's names (its __init__), not its modules"
