@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 
+import llama_cpp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from offgridd.inference.grammar import (
     TOOL_MARKER,
@@ -166,21 +169,25 @@ def test_output_under_a_schema_parses_and_validates_greedy_and_sampled(worker, n
         validate(json.loads(run["text"]), schema)
 
 
-def test_a_json_object_grammar_gives_an_object_and_ends_when_it_closes(worker):
-    run, = worker.run({"prompt": "Settings file:\n", "params": {"grammar": grammar_for_json_object(),
+def test_a_json_object_grammar_gives_each_choice_an_object_and_ends_when_it_closes(worker):
+    run, = worker.run({"prompt": "Settings file:\n", "params": {"grammar": grammar_for_json_object(), "n": 2,
                                                                 "max_tokens": 200, "temperature": 0.7, "seed": 3}})
-    assert run["end"]["finish_reason"] == "stop"
-    assert isinstance(json.loads(run["text"]), dict)
+    assert run["end"]["finish_reasons"] == ["stop", "stop"]
+    for index in (0, 1):  # each choice has a grammar of its own
+        text = "".join(f["text"] for f in run["frames"] if f["index"] == index)
+        assert isinstance(json.loads(text), dict)
 
 
 def test_a_constrained_request_beside_three_plain_ones_leaves_their_text_unchanged(worker):
     greedy = {"max_tokens": 40, "temperature": 0}
     plain = [{"prompt": p, "params": greedy} for p in PLAIN_PROMPTS]
-    worker.run(*plain, constrained(SCHEMAS["order"], temperature=0))  # a fresh context's first batch differs
+    worker.run(*plain, constrained(SCHEMAS["person"], temperature=0))  # a fresh context's first batch differs
     alone = [worker.run(request)[0]["text"] for request in plain]
-    together = worker.run(plain[0], constrained(SCHEMAS["order"], temperature=0), *plain[1:])
+    constrained_alone = worker.run(constrained(SCHEMAS["person"], temperature=0))[0]["text"]
+    together = worker.run(plain[0], constrained(SCHEMAS["person"], temperature=0), *plain[1:])
     assert [together[0]["text"], together[2]["text"], together[3]["text"]] == alone
-    validate(json.loads(together[1]["text"]), SCHEMAS["order"])
+    assert together[1]["text"] == constrained_alone
+    validate(json.loads(together[1]["text"]), SCHEMAS["person"])
 
 
 def test_a_constrained_sequence_that_runs_out_of_tokens_ends_with_length(worker):
@@ -291,3 +298,36 @@ def test_grammar_checks_take_little_time():
     for _ in range(20):
         grammar_for_schema(SCHEMAS["order"])
     assert time.perf_counter() - began < 1.0
+
+
+KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+            "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "pattern", "minLength", "maxLength", "format",
+            "minimum", "title", "x")
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 2000), st.sampled_from(
+    ["object", "array", "string", "integer", "number", "null", "date", "#/$defs/a", "#/$defs", "#", "^a{2}$", "a"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(KEYWORDS), st.text(max_size=3)), inner,
+                                                 max_size=4)), max_leaves=12)
+
+
+@pytest.fixture(scope="module")
+def vocab(model_state):
+    store = ModelStore(model_state / "models")
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(store.path_of(store.get("gemma3-270m"))).encode(), params)
+    yield llama_cpp.llama_model_get_vocab(model)
+    llama_cpp.llama_model_free(model)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=st.dictionaries(st.sampled_from(KEYWORDS), _values, max_size=5))
+def test_any_schema_gives_a_grammar_llama_cpp_parses_or_a_grammar_error_and_nothing_else(vocab, schema):
+    try:
+        grammar = grammar_for_schema(schema)
+    except GrammarError as e:
+        assert e.path.startswith("#")
+        return
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    assert sampler, grammar
+    llama_cpp.llama_sampler_free(sampler)

@@ -12,6 +12,7 @@ converter names rules after a ref's last segment and can alias a `$defs` entry t
 from __future__ import annotations
 
 import json
+import re
 
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -24,6 +25,13 @@ HANDLED = frozenset({"type", "properties", "required", "additionalProperties", "
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
 MAX_DEPTH = 32
+# the converter spells a count out as that many copies of a rule: minItems 10**9 would take the worker's memory
+MAX_COUNT = 1000
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
+_SHAPES = {"type": (str, list), "properties": dict, "required": list, "additionalProperties": (bool, dict),
+           "items": (dict, list, bool), "prefixItems": list, "enum": list, "anyOf": list, "allOf": list,
+           "$ref": str, "pattern": str, "format": str}
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _STRING_KEYS = frozenset({"pattern", "minLength", "maxLength", "format"})
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYS = frozenset({"items", "prefixItems", "minItems", "maxItems"})
@@ -161,6 +169,15 @@ class _Normalizer:
                 raise GrammarError(f"'{key}' is not supported: the output could not be guaranteed to satisfy it",
                                    f"{path}/{key}")
         out = {k: v for k, v in schema.items() if k in HANDLED and k not in ("$defs", "definitions")}
+        for key, kinds in _SHAPES.items():
+            if key in out and not isinstance(out[key], kinds):
+                raise GrammarError(f"'{key}' has the wrong kind of value", f"{path}/{key}")
+        if isinstance(out.get("type"), list) and not all(isinstance(t, str) for t in out["type"]):
+            raise GrammarError("'type' must name types", f"{path}/type")
+        for key in _COUNTS:
+            if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int)
+                               or not 0 <= out[key] <= MAX_COUNT):
+                raise GrammarError(f"'{key}' must be a whole number from 0 to {MAX_COUNT}", f"{path}/{key}")
         constraining = set(out)
         if "$ref" in out:
             if constraining - {"$ref"}:
@@ -219,6 +236,10 @@ class _Normalizer:
             raise GrammarError(f"{sorted(string_keys)} apply to strings only", path)
         out["type"] = "string"
         if "pattern" in out:
+            if not isinstance(out["pattern"], str) or any(
+                    int(n) > MAX_COUNT for m in _QUANTIFIER.finditer(out["pattern"]) for n in m.groups() if n):
+                raise GrammarError(f"a pattern must be a string whose counts are at most {MAX_COUNT}",
+                                   f"{path}/pattern")
             _to_gbnf({"type": "string", "pattern": out["pattern"]}, f"{path}/pattern")
         if "format" in out and out["format"] not in FORMATS:
             raise GrammarError(f"format {out['format']!r} is not supported (supported: {sorted(FORMATS)})",
