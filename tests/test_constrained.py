@@ -3,6 +3,7 @@ requests decoded beside it get the text they get alone."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import socket
@@ -11,10 +12,12 @@ import sys
 import time
 
 import llama_cpp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from offgridd.inference.engine import _TOKEN_DATA, Engine, SequenceSampler, logits_of
 from offgridd.inference.grammar import (
     TOOL_MARKER,
     GrammarError,
@@ -331,3 +334,29 @@ def test_any_schema_gives_a_grammar_llama_cpp_parses_or_a_grammar_error_and_noth
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     assert sampler, grammar
     llama_cpp.llama_sampler_free(sampler)
+
+
+def test_greedy_under_a_grammar_is_the_best_allowed_token_of_the_whole_vocabulary(model_state):
+    store = ModelStore(model_state / "models")
+    llm = Engine(model_path=str(store.path_of(store.get("gemma3-270m"))), n_ctx=512, n_threads=2, verbose=False)
+    grammar, vocab = grammar_for_schema(SCHEMAS["order"]), llm._model.vocab
+    ours = SequenceSampler(llm.vocab_size, 0, temperature=0.0, grammar=grammar, vocab=vocab)
+    reference = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    everything = np.arange(llm.vocab_size, dtype=np.int32)
+    llm.eval(llm.tokenize(b"A JSON document, as the API returned it:\n", add_bos=True))
+    for _ in range(60):
+        logits = logits_of(llm.ctx, -1, llm.vocab_size)
+        candidates = np.empty(llm.vocab_size, _TOKEN_DATA)
+        candidates["id"], candidates["logit"], candidates["p"] = everything, logits, 0.0
+        array = llama_cpp.llama_token_data_array(data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+                                                 size=llm.vocab_size, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(reference, ctypes.byref(array))
+        expected = int(np.argmax(candidates["logit"]))
+        token = ours.pick(llm.ctx, -1)
+        assert token == expected
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            break
+        llama_cpp.llama_sampler_accept(reference, token)
+        llm.eval([token])
+    ours.close()
+    llama_cpp.llama_sampler_free(reference)
