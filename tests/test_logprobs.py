@@ -101,3 +101,11 @@ def test_entries_wait_while_the_stop_scanner_holds_their_text_and_travel_with_it
                     ("", [])]
     lead = [{"token": "  "}, {"token": " Hello"}, {"token": " world"}]
     assert strip_lead(lead) is False and [e["token"] for e in lead] == ["", "Hello", " world"]
+
+
+def test_multibyte_text_cut_at_any_length_keeps_text_and_entries_equal(worker):
+    # a cut inside a character split across tokens leaves it to the decoder's final flush, on the last entry
+    for max_tokens in range(1, 7):
+        run, = worker.run({"prompt": "Japanese: 日本語の文章を書きます。", "params": {
+            "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}})
+        assert "".join(e["token"] for e in entries_of(run)) == run["text"]

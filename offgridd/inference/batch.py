@@ -268,11 +268,12 @@ class Scheduler:
             rest, last = seq.stops.flush(), seq.decoder.decode(b"", True)
             if seq.trail is not None:
                 entries = seq.trail.release(len(rest))
-                seq.trail.ready += entries
-                if last and seq.trail.ready:  # bytes of a character the reply never finished
-                    seq.trail.ready[-1]["token"] += last
                 rest = "".join(e["token"] for e in entries)
-                last = last if seq.trail.ready else ""
+                seq.trail.ready += entries
+                if seq.trail.ready:  # bytes of a character the reply never finished go with the last token
+                    seq.trail.ready[-1]["token"] += last
+                else:
+                    last = ""
             if (tail := seq.held.take() + rest + last) or (seq.trail is not None and seq.trail.ready):
                 out.append(self._token_frame(seq, tail))
         request = seq.request
