@@ -109,3 +109,13 @@ def test_multibyte_text_cut_at_any_length_keeps_text_and_entries_equal(worker):
         run, = worker.run({"prompt": "Japanese: 日本語の文章を書きます。", "params": {
             "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}})
         assert "".join(e["token"] for e in entries_of(run)) == run["text"]
+
+
+def test_a_reply_cut_inside_a_character_ends_with_one_replacement_character_on_its_last_entry(worker):
+    # a rare character has no token of its own: the grammar makes the model spell it in byte tokens, and max_tokens
+    # cuts it in the middle, leaving the decoder's final flush
+    run, = worker.run({"prompt": "A clef:", "params": {"grammar": 'root ::= "\U0001d11e\U0001d11e"', "max_tokens": 2,
+                                                       "temperature": 0, "logprobs": 1}})
+    entries = entries_of(run)
+    assert run["end"]["finish_reason"] == "length" and run["text"] == "\ufffd"
+    assert [e["token"] for e in entries] == ["", "\ufffd"] and [len(e["bytes"]) for e in entries] == [1, 1]
