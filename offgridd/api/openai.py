@@ -247,8 +247,8 @@ async def _stream_read(request: web.Request, generation: Generation, shape: _Sha
             if event[0] == "content":
                 await send(event[1], None, index)
             elif event[0] == "call":
-                call: Call = event[1]
-                await send({"tool_calls": [{"index": len(readers[index].calls) - 1, "id": call.id, "type": "function",
+                call: Call = event[2]
+                await send({"tool_calls": [{"index": event[1], "id": call.id, "type": "function",
                                             "function": {"name": call.name, "arguments": ""}}]}, None, index)
             else:
                 await send({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]}, None, index)

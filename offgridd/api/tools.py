@@ -134,7 +134,7 @@ class Call:
 class ReplyReader:
     """One choice's text, read as it comes: content, or tool calls as `{"name", "arguments"}` envelopes (a list of
     them when parallel; after TOOL_MARKER with tool_choice "auto"). `feed` answers what can be said so far:
-    ("content", text), ("call", Call) when a call's name is known, ("arguments", index, text) as they come."""
+    ("content", text), ("call", index, Call) when a call's name is known, ("arguments", index, text) as they come."""
 
     def __init__(self, use: ToolUse | None):
         self.use = use
@@ -200,7 +200,7 @@ class ReplyReader:
                 return False
             call = Call(call_id(), json.loads(m.group(1)))
             self.calls.append(call)
-            events.append(("call", call))
+            events.append(("call", len(self.calls) - 1, call))
             self._buf, self._state = buf[m.end():], "value"
             self._depth, self._in_string, self._escaped, self._started = 0, False, False, False
             return True
