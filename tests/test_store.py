@@ -132,32 +132,38 @@ def test_builtin_model_is_registered_verified_and_written_once(model_state):
     assert not any(store.staging.iterdir())
 
 
+def _race(store: ModelStore, name: str) -> dict[int, object]:
+    """Two imports of `name` with different bytes, both finishing their writes at the same moment."""
+    import threading
+
+    gate, outcomes = threading.Barrier(2), {}
+
+    def chunks(data: bytes):
+        yield data
+        gate.wait(10)  # both are staged and hashed: now both commit
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = store.import_chunks(chunks(gguf_bytes(ctx=1024 * (i + 1))), name=name, source="test")
+        except StoreError as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcomes
+
+
 def test_two_imports_of_one_name_with_different_bytes_cannot_both_take_it(tmp_path):
     """Issue #14: two concurrent imports of one name, different bytes, used to both find the name free, and the
     later manifest silently replaced the earlier. Both imports here finish writing at the same moment, 20 times."""
-    import threading
-
     store = ModelStore(tmp_path / "models")
     store.open()
     for round_ in range(20):
-        name, gate = f"contested-{round_}", threading.Barrier(2)
-        outcomes: dict[int, object] = {}
-
-        def chunks(data: bytes):
-            yield data
-            gate.wait(10)  # both are staged and hashed: now both commit
-
-        def run(i: int) -> None:
-            try:
-                outcomes[i] = store.import_chunks(chunks(gguf_bytes(ctx=1024 * (i + 1))), name=name, source="test")
-            except StoreError as e:
-                outcomes[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        name = f"contested-{round_}"
+        outcomes = _race(store, name)
         won = [o for o in outcomes.values() if not isinstance(o, StoreError)]
         lost = [o for o in outcomes.values() if isinstance(o, StoreError)]
         assert len(won) == 1 and len(lost) == 1, outcomes
