@@ -153,3 +153,95 @@ async def test_a_routed_request_is_refused_where_peers_are_not_running(client):
     resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Offgrid-Hop": "somebody"})
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "peers_disabled"
+
+
+MINIMUM = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}, "required": ["age"]}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": MINIMUM}}},
+     "response_format.json_schema.schema/properties/age/minimum"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema"),
+    ({**CHAT, "response_format": {"type": "yaml"}}, "response_format"),
+    ({**CHAT, "tools": [{**TOOL, "function": {"name": "f", "parameters": MINIMUM}}]},
+     "tools[0].function.parameters/properties/age/minimum"),
+    ({**CHAT, "tools": [{"type": "code_interpreter"}]}, "tools[0]"),
+    ({**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ({**CHAT, "tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({**CHAT, "tools": [TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "functions": [{"name": "f"}]}, "functions"),
+    ({**CHAT, "function_call": "auto"}, "function_call"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {}}}]}]},
+     "messages[0].tool_calls[0]"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({**CHAT, "logprobs": 3}, "logprobs"),
+])
+async def test_structured_output_tools_and_logprobs_that_cannot_be_honoured_are_a_400_naming_the_part(
+        client, body, param):
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    assert_error(await resp.json(), "invalid_request_error", param)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "tools": [TOOL]}, "tools"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": MINIMUM}}},
+     "response_format.json_schema.schema/properties/age/minimum"),
+])
+async def test_a_bad_completion_request_is_a_400_naming_its_parameter(client, body, param):
+    resp = await client.post("/v1/completions", json=body)
+    assert resp.status == 400
+    assert_error(await resp.json(), "invalid_request_error", param)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "hi", "store": True}, "store"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": []}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[0].type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": MINIMUM}]},
+     "tools[0].parameters/properties/age/minimum"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": MINIMUM}}},
+     "text.format.schema/properties/age/minimum"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "instructions": 3}, "instructions"),
+])
+async def test_a_responses_request_this_box_cannot_honour_is_a_400_naming_the_part(client, body, param):
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 400
+    assert_error(await resp.json(), "invalid_request_error", param)
+
+
+async def test_requests_using_the_new_fields_parse_and_reach_the_model(client):
+    """Valid bodies get past parsing: while the box starts they are a 503, not a 400."""
+    tool_turns = [{"role": "user", "content": "weather?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    for path, body in [
+        ("/v1/chat/completions", {"messages": tool_turns, "tools": [TOOL], "tool_choice": "auto", "logprobs": True,
+                                  "top_logprobs": 20}),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"enum": [1, 2]}}}}}}),
+        ("/v1/completions", {"prompt": "x", "logprobs": 5, "response_format": {"type": "json_object"}}),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                                     {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                                     {"type": "function_call_output", "call_id": "c", "output": "ok"}],
+                           "instructions": "be brief", "store": False, "tool_choice": {"type": "function", "name": "f"},
+                           "tools": [{"type": "function", "name": "f", "parameters": TOOL["function"]["parameters"]}]}),
+    ]:
+        resp = await client.post(path, json=body)
+        assert resp.status == 503, (path, await resp.text())

@@ -12,7 +12,7 @@ from ..runtime import Runtime
 from ..usb import routes as usb
 from ..voice import routes as voice
 from ..web import AUDIT, HOSTS, KEYS, SETTINGS, Cors, HostNames, authorize, check_host, error_middleware
-from . import admin, health, native, openai
+from . import admin, health, native, openai, responses
 from .keys import RUNTIME
 
 
@@ -49,6 +49,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_post("/v1/embeddings", openai.embeddings)
+    app.router.add_post("/v1/responses", responses.create_response)
 
 
 def init_app(rt: Runtime) -> web.Application:
