@@ -100,6 +100,16 @@ def test_a_named_tool_choice_calls_exactly_that_function_once(client):
     assert [name for name, _ in _calls(r.choices[0].message)] == ["get_time"]
 
 
+def test_parallel_tool_calls_true_lets_one_reply_hold_several_calls(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER, TIME],
+                                       tool_choice="required", parallel_tool_calls=True, max_tokens=200,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = _calls(r.choices[0].message)
+    assert 1 <= len(calls) <= 8  # the grammar's bound
+    assert len({c.id for c in r.choices[0].message.tool_calls}) == len(calls)
+
+
 def test_tool_choice_none_never_calls_and_auto_answers_one_way_or_the_other(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none",
                                        max_tokens=16, temperature=0)
