@@ -211,7 +211,8 @@ def test_a_conversation_from_one_device_is_found_on_another(daemon, open_ui):
     assert laptop.page.inner_text(".msg.user .body") == "Where do otters sleep?"
     assert laptop.page.inner_text(".msg.assistant .body") == last_answer(phone)
     laptop.page.click("#forget-chat")
-    laptop.page.wait_for_function("() => !document.querySelector('.msg.user')")
+    laptop.page.wait_for_function("""() => ![...document.querySelectorAll('#conversation option')]
+        .some((o) => o.textContent === 'Where do otters sleep?')""")
     laptop.page.fill("#history-search", "otters")
     laptop.page.press("#history-search", "Enter")
     laptop.page.wait_for_selector("#search-results li.muted")  # deleted on the box: gone for every device

@@ -488,25 +488,32 @@ async function loadConversations() {
   conversations = (await call("/api/v1/conversations?limit=50")).conversations;
 }
 
+let opened = 0; // counts openings: a slow answer about an earlier one is not shown over a later one
+
 async function openConversation(id) {
-  current = id;
-  messages = [];
+  const mine = ++opened;
+  let shown = [], model = chosenModel;
   if (id) {
     try {
       const t = await call(`/api/v1/conversations/${encodeURIComponent(id)}`);
-      messages = t.messages.map((m) => ({ role: m.role, content: m.content,
+      shown = t.messages.map((m) => ({ role: m.role, content: m.content,
         stats: m.completion_tokens ? `${m.completion_tokens} tokens` : "" }));
-      chosenModel = t.model || chosenModel;
+      model = t.model || model;
     } catch (e) {
       if (!(e instanceof ApiError && e.status === 404)) throw e;
-      current = null; // deleted elsewhere
+      id = null; // deleted elsewhere
     }
   }
+  if (mine !== opened || generation) return; // the person opened another, or is sending, meanwhile
+  current = id;
+  messages = shown;
+  chosenModel = model;
   saved.set("current", current);
   renderChat();
 }
 
 async function startHistory() {
+  const untouched = opened;
   try {
     await importBrowserHistory();
   } catch (e) {
@@ -514,7 +521,8 @@ async function startHistory() {
   }
   try {
     await loadConversations();
-    await openConversation(current);
+    if (opened === untouched && !generation) await openConversation(current); // unless the person went on already
+    else renderChat();
   } catch (e) {
     showBanner(explain(e));
     renderChat();
