@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import ui, upstreams
+from ..documents import routes as documents
 from ..history import routes as history
 from ..peers import routes as peers
 from ..runtime import Runtime
@@ -71,5 +72,6 @@ def init_app(rt: Runtime) -> web.Application:
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     upstreams.setup_routes(app, rt.settings.upstreams, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     voice.setup_routes(app, rt.voice)
+    documents.setup_routes(app, rt.documents)
     ui.setup_routes(app)
     return app
