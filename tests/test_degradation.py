@@ -139,10 +139,16 @@ def test_a_model_whose_worker_keeps_crashing_is_marked_bad_and_the_next_one_serv
     store = ModelStore(state / "models")
     store.import_file(store.path_of(store.get("gemma3-270m")), name="gemma-spare")
     with running_daemon(state, tmp_path / "daemon.log") as daemon:
-        for crash in range(3):
+        for crash in range(3):  # each during a request: a crash while idle is not held against the model
             pid = wait_for(lambda: (h := daemon.health()[1])["model"]["state"] == "ready" and h["model"]["pid"],
                            what="worker ready")
+            answers = []
+            asking = threading.Thread(target=lambda a=answers: a.append(complete(daemon, max_tokens=2000)[0]))
+            asking.start()
+            wait_for(lambda: daemon.health()[1]["requests"]["active"], what="a request in progress")
             os.kill(pid, signal.SIGKILL)
+            asking.join(60)
+            assert answers == [503]  # the request in flight is answered, not left hanging
             if crash < 2:
                 wait_for(lambda p=pid: daemon.health()[1]["model"]["pid"] not in (p, None), what="restart")
         wait_for(lambda: "model-bad" in degraded_steps(daemon), what="model marked bad")
