@@ -330,7 +330,8 @@ async def test_a_decoder_that_dies_on_an_upload_costs_that_request_a_400_and_the
     service = voice_service(store, admission, idle)
     assert (await service.transcribe(None, wav_bytes())).text == "hello"  # the decoder child is up
     (pid,) = list(service._decoder._processes)
-    long = asyncio.create_task(service.transcribe(None, wav_bytes(500)))  # ~2 s of decoding
+    os.kill(pid, signal.SIGSTOP)  # held, so the upload is still being decoded when it dies, on any machine
+    long = asyncio.create_task(service.transcribe(None, wav_bytes(500)))
     await asyncio.sleep(0.3)
     os.kill(pid, signal.SIGKILL)  # as a crash in a demuxer would end it
     with pytest.raises(VoiceError, match="decoder failed") as refused:
