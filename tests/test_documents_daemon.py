@@ -8,6 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import openai
+import pytest
 from conftest import http, private_state, running_daemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -41,6 +43,21 @@ def test_a_daemon_reads_embeds_and_finds_an_uploaded_pdf_and_forgets_it_when_del
                                      "rehydration+salts")
         top = json.loads(raw)["passages"][0]
         assert status == 200 and (top["filename"], top["page"]) == ("first-aid.pdf", 6)
+        # a chat that names the collection is answered from it, with its sources, streamed or not
+        client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="none", max_retries=0, timeout=300)
+        question = [{"role": "user", "content": "What is the recipe for oral rehydration salts?"}]
+        reply = client.chat.completions.create(model="gemma3-270m", messages=question, max_tokens=24,
+                                               temperature=0, extra_body={"offgrid": {"collection": "kit"}})
+        sources = reply.model_extra["offgrid"]["sources"]
+        assert (sources[0]["file"], sources[0]["page"]) == ("first-aid.pdf", 6) and sources[0]["excerpt"]
+        assert reply.usage.prompt_tokens > 100  # the passages went into the prompt
+        chunks = list(client.chat.completions.create(model="gemma3-270m", messages=question, max_tokens=4,
+                                                     stream=True, extra_body={"offgrid": {"collection": "kit"}}))
+        assert chunks[0].model_extra["offgrid"]["sources"] == sources
+        assert all("offgrid" not in c.model_extra for c in chunks[1:])
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="gemma3-270m", messages=question, max_tokens=4,
+                                           extra_body={"offgrid": {"collection": 7}})
         status, _, _ = http("DELETE", f"{daemon.url}/api/v1/documents/{document['id']}")
         assert status == 200
         status, _, raw = http("GET", f"{daemon.url}/api/v1/documents/search?collection=kit&q=rehydration")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import struct
@@ -14,6 +15,7 @@ import uuid
 from aiohttp import web
 
 from .. import __version__
+from ..documents import DocumentError, ground
 from ..history import ConversationNotFound, ConversationStore, HistoryError, HistoryFull
 from ..history.routes import CONVERSATION_HEADER, HISTORY, owner_of
 from ..inference import Done, Generation, InferenceError, Overloaded, Token
@@ -49,7 +51,28 @@ def _model_card(m) -> dict:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, parse_chat(await read_json(request)), chat=True)
+    body = await read_json(request)
+    req, extra = await _grounded(request, body, parse_chat(body))
+    return await _generate(request, req, chat=True, extra=extra)
+
+
+async def _grounded(request: web.Request, body: dict, req: GenerationRequest) -> tuple[GenerationRequest, dict | None]:
+    """A chat that names a collection of the box's documents (`"offgrid": {"collection": NAME}`) gets the top
+    passages for its question in the prompt, and their sources (file, page) in the reply."""
+    ext = body.get("offgrid")
+    if ext is None:
+        return req, None
+    if not isinstance(ext, dict) or not isinstance(ext.get("collection"), str):
+        raise ApiError(400, "'offgrid' must be an object like {\"collection\": \"manuals\"}", param="offgrid")
+    rt = request.app[RUNTIME]
+    if rt.documents is None:
+        raise ApiError(503, "documents are off on this box (documents.enabled = false)", code="documents_disabled")
+    try:
+        messages, sources = await ground(req.messages, ext["collection"], rt.documents, rt.settings.documents.top_k)
+    except DocumentError as e:
+        raise ApiError(e.status, str(e), param="offgrid.collection") from None
+    return dataclasses.replace(req, messages=messages), {"offgrid": {"collection": ext["collection"],
+                                                                     "sources": sources}}
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -85,7 +108,8 @@ def _b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-async def _generate(request: web.Request, req: GenerationRequest, chat: bool) -> web.StreamResponse:
+async def _generate(request: web.Request, req: GenerationRequest, chat: bool,
+                    extra: dict | None = None) -> web.StreamResponse:
     kept = await Kept.asked(request, req) if chat else None
     try:
         generation = await request.app[RUNTIME].inference.generate(
@@ -96,7 +120,7 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool) ->
         return await elsewhere(request, req.model, e)
     async with generation:  # errors from here on come from a request the worker started
         try:
-            return await _answer(request, req, chat, generation, kept)
+            return await _answer(request, req, chat, generation, kept, extra)
         finally:
             if (done := generation.done) is not None:
                 charge(request, done.prompt_tokens + done.completion_tokens)
@@ -107,8 +131,8 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool) ->
 
 
 async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation,
-                  kept: Kept | None):
-    shape = _Shape(generation.model, chat, req.params.get("n") or 1, prompt=req.prompt)
+                  kept: Kept | None, extra: dict | None = None):
+    shape = _Shape(generation.model, chat, req.params.get("n") or 1, prompt=req.prompt, extra=extra)
     headers = kept.headers if kept is not None else None
     scored = "logprobs" in req.params
     if req.stream:
@@ -192,7 +216,8 @@ async def _stream(request: web.Request, generation: Generation, shape: _Shape, i
     usage_field = {"usage": None} if include_usage else {}
     if shape.chat:
         for index in range(shape.n):
-            await send({**shape.chunk({"role": "assistant", "content": ""}, None, index), **usage_field})
+            await send({**shape.chunk({"role": "assistant", "content": ""}, None, index), **usage_field,
+                        **(shape.extra if index == 0 else {})})
     # every token event of a choice is the same JSON around its text: build that once, and per token encode only the
     # text
     events = []
@@ -234,12 +259,12 @@ async def _stream_read(request: web.Request, generation: Generation, shape: _Sha
     legacy = [logprobs.Legacy(req.prompt or "") for _ in range(shape.n)]
     scored = "logprobs" in req.params
 
-    async def send(delta, finish: str | None, index: int) -> None:
+    async def send(delta, finish: str | None, index: int, extra: dict | None = None) -> None:
         lp = None
         if scored and (pending[index] or finish is not None):
             entries, pending[index] = pending[index], []
             lp = logprobs.chat(entries) if shape.chat else legacy[index].shape(entries)
-        obj = {**shape.chunk(delta, finish, index, lp), **usage_field}
+        obj = {**shape.chunk(delta, finish, index, lp), **usage_field, **(extra or {})}
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
     async def say(events: list[tuple], index: int) -> None:
@@ -255,7 +280,8 @@ async def _stream_read(request: web.Request, generation: Generation, shape: _Sha
 
     if shape.chat:
         for index in range(shape.n):
-            await send({"role": "assistant", "content": None if req.tools else ""}, None, index)
+            await send({"role": "assistant", "content": None if req.tools else ""}, None, index,
+                       shape.extra if index == 0 else None)
     try:
         async for event in generation:
             if isinstance(event, Token):
@@ -292,8 +318,9 @@ def _usage(done: Done) -> dict:
 class _Shape:
     """Chat and text completions differ only in their object names and where the text goes."""
 
-    def __init__(self, model: str, chat: bool, n: int = 1, prompt: str | None = None):
+    def __init__(self, model: str, chat: bool, n: int = 1, prompt: str | None = None, extra: dict | None = None):
         self.model, self.chat, self.n, self.prompt = model, chat, n, prompt
+        self.extra = extra or {}  # offgridd's own fields (a grounded chat's sources): in the reply or first chunk
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -327,4 +354,4 @@ class _Shape:
                 lp = logprobs.Legacy(self.prompt or "").shape(entries[i]) if entries is not None else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
-                "usage": _usage(done)}
+                "usage": _usage(done), **self.extra}
