@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from boards import board_tree
-from conftest import free_port, http, private_state, running_daemon, start_daemon
+from conftest import free_port, http, private_state, running_daemon, start_daemon, wait_for
 from gguf_factory import gguf_bytes, write_gguf
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
@@ -200,6 +200,12 @@ def test_a_conversation_from_one_device_is_found_on_another(daemon, open_ui):
     phone.page.wait_for_selector("#link.up")
     phone.send("Where do otters sleep?")
     phone.page.wait_for_selector(".msg.assistant footer", timeout=WAIT_MS)
+
+    def kept() -> dict | None:
+        listed = json.loads(http("GET", f"{daemon.url}/api/v1/conversations")[2])["conversations"]
+        return next((c for c in listed if c["title"] == "Where do otters sleep?" and c["message_count"] >= 2), None)
+
+    conversation = wait_for(kept, timeout=30, what="the box keeping the phone's exchange")
     laptop = open_ui(daemon.url)  # another browser: nothing in its localStorage
     laptop.page.wait_for_selector("#link.up")
     laptop.page.fill("#history-search", "otters sleep")
@@ -207,7 +213,9 @@ def test_a_conversation_from_one_device_is_found_on_another(daemon, open_ui):
     laptop.page.wait_for_selector("#search-results mark")
     assert "otters" in laptop.page.inner_text("#search-results mark").lower()
     laptop.page.click("#search-results button")
-    laptop.page.wait_for_selector(".msg.user")
+    laptop.page.wait_for_function("(id) => localStorage.getItem('offgrid.current') === JSON.stringify(id)",
+                                  arg=conversation["id"], timeout=WAIT_MS)
+    laptop.page.wait_for_selector(".msg.user", timeout=WAIT_MS)
     assert laptop.page.inner_text(".msg.user .body") == "Where do otters sleep?"
     assert laptop.page.inner_text(".msg.assistant .body") == last_answer(phone)
     laptop.page.click("#forget-chat")

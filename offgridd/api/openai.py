@@ -118,6 +118,10 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool,
         if kept is not None:
             await kept.drop()
         return await elsewhere(request, req.model, e)
+    except BaseException:
+        if kept is not None:  # refused before it started: the conversation made for it goes too
+            await kept.drop()
+        raise
     async with generation:  # errors from here on come from a request the worker started
         try:
             return await _answer(request, req, chat, generation, kept, extra)

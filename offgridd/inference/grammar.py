@@ -145,6 +145,17 @@ _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
+def _unsayable(value) -> bool:
+    """A value whose JSON text needs an escape llama.cpp's GBNF parser does not know (\\b, \\f)."""
+    if isinstance(value, str):
+        return "\b" in value or "\f" in value
+    if isinstance(value, list):
+        return any(_unsayable(v) for v in value)
+    if isinstance(value, dict):
+        return any(_unsayable(k) or _unsayable(v) for k, v in value.items())
+    return False
+
+
 def _gbnf_literal(text: str) -> str:
     return json.dumps(text)
 
@@ -207,6 +218,11 @@ class _Normalizer:
         if "enum" in out or "const" in out:
             if "enum" in out and (not isinstance(out["enum"], list) or not out["enum"]):
                 raise GrammarError("'enum' must be a non-empty list", f"{path}/enum")
+            for key in ("enum", "const"):
+                if key in out and _unsayable(out[key]):
+                    # the converter writes the value's JSON into a GBNF literal, whose parser knows no \b or \f
+                    raise GrammarError(f"'{key}' holds a backspace or form feed character, which the grammar "
+                                       "cannot express", f"{path}/{key}")
             return {k: out[k] for k in ("enum", "const") if k in out}
         self._string(out, path)
         if "properties" in out or "additionalProperties" in out or "required" in out or kind == "object":
