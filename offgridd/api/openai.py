@@ -129,9 +129,9 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool,
             if (done := generation.done) is not None:
                 charge(request, done.prompt_tokens + done.completion_tokens)
                 if kept is not None:
-                    await kept.save(req, generation.model, done)
+                    await _to_the_end(kept.save(req, generation.model, done))
             elif kept is not None:
-                await kept.drop()
+                await _to_the_end(kept.drop())
 
 
 async def _answer(request: web.Request, req: GenerationRequest, chat: bool, generation: Generation,
@@ -158,6 +158,18 @@ async def _answer(request: web.Request, req: GenerationRequest, chat: bool, gene
     answers = [(text, *settle(req.tools, text, reason)) for text, reason in zip(
         whole, generation.done.finish_reasons, strict=True)]
     return web.json_response(shape.whole(answers, generation.done, entries), headers=headers)
+
+
+_finishing: set[asyncio.Task] = set()
+
+
+async def _to_the_end(work) -> None:
+    """Run `work` to its end even if the client leaves now: a client that closes its connection on the last byte
+    of an answer cancels this handler, and the exchange must still be kept."""
+    task = asyncio.ensure_future(work)
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)
+    await asyncio.shield(task)
 
 
 class Kept:
