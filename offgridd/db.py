@@ -66,6 +66,24 @@ class Database:
         self._thread.shutdown()
 
 
+class Tables:
+    """A subsystem's tables in the shared database: its work runs on the database thread, after `ensure` has made
+    them (once, on that thread)."""
+
+    def __init__(self, db: Database, ensure: Callable[[sqlite_utils.Database], None]):
+        self.db, self._ensure = db, ensure
+        self._ready = False  # only read and written on the database thread
+
+    async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        def work(db: sqlite_utils.Database) -> T:
+            if not self._ready:
+                self._ensure(db)
+                self._ready = True
+            return fn(db, *args, **kwargs)
+
+        return await self.db.run(work)
+
+
 def _log_failure(future, what: str) -> None:
     if not future.cancelled() and (e := future.exception()) is not None:
         log.error("%s failed: %s", what, e, exc_info=e)

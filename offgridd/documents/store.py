@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import sqlite_utils
 
-from ..db import Database
+from ..db import Database, Tables
 from .chunks import chunk_pages
 from .extract import extract
 from .records import (
@@ -134,19 +134,11 @@ class DocumentStore:
         self.model = model  # the embedding model's name, kept with each document
         self.limits = limits or Limits()
         self._cache = VectorCache()  # only touched on the database thread
-        self._ready = False  # likewise
+        self._tables = Tables(db, ensure_schema)
         self._one_at_a_time = asyncio.Lock()  # ingestion is heavy: documents go in one after another
 
-    def _on_thread(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[sqlite_utils.Database], T]:
-        def run(db: sqlite_utils.Database) -> T:
-            if not self._ready:
-                ensure_schema(db)
-                self._ready = True
-            return fn(db, *args, **kwargs)
-        return run
-
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        return await self.db.run(self._on_thread(fn, *args, **kwargs))
+        return await self._tables.run(fn, *args, **kwargs)
 
     async def prepare(self) -> None:
         """Create the tables now (at start-up) rather than on the first call."""

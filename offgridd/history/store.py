@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import sqlite_utils
 
-from ..db import Database
+from ..db import Database, Tables
 from .browser import BrowserConversation, parse_browser_storage
 from .records import (
     DEFAULT_TITLE,
@@ -245,18 +245,10 @@ class ConversationStore:
     def __init__(self, db: Database, *, max_bytes: int = 0):
         self.db = db
         self.max_bytes = max_bytes  # 0: no bound
-        self._ready = False  # only read and written on the database thread
-
-    def _on_thread(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[sqlite_utils.Database], T]:
-        def run(db: sqlite_utils.Database) -> T:
-            if not self._ready:
-                ensure_schema(db)
-                self._ready = True
-            return fn(db, *args, **kwargs)
-        return run
+        self._tables = Tables(db, ensure_schema)
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        return await self.db.run(self._on_thread(fn, *args, **kwargs))
+        return await self._tables.run(fn, *args, **kwargs)
 
     async def prepare(self) -> None:
         """Create the tables and indexes now (at start-up), rather than on the first call."""
