@@ -106,7 +106,7 @@ async def test_a_grounded_chat_gets_numbered_passages_after_its_own_system_promp
     await store.add("notes", "battery.md", BATTERY.encode())
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
                 {"role": "assistant", "content": "Hi."},
-                {"role": "user", "content": [{"type": "text", "text": "How long do I boil water?"}]}]
+                {"role": "assistant", "content": None}, {"role": "user", "content": "How long do I boil water?"}]
     grounded, sources = await ground(messages, "notes", store, top_k=2)
     assert grounded[1:] == messages[1:] and len(grounded) == len(messages)
     system = grounded[0]["content"]

@@ -55,6 +55,17 @@ def test_a_daemon_reads_embeds_and_finds_an_uploaded_pdf_and_forgets_it_when_del
                                                      stream=True, extra_body={"offgrid": {"collection": "kit"}}))
         assert chunks[0].model_extra["offgrid"]["sources"] == sources
         assert all("offgrid" not in c.model_extra for c in chunks[1:])
+        # a kept conversation keeps what the person asked and the answer's sources, not the passages put in the prompt
+        kept = client.chat.completions.with_raw_response.create(
+            model="gemma3-270m", messages=question, max_tokens=4, extra_body={"offgrid": {"collection": "kit"}},
+            extra_headers={"X-Offgrid-Conversation": "new"})
+        conversation = kept.headers["X-Offgrid-Conversation"]
+        status, _, raw = http("GET", f"{daemon.url}/api/v1/conversations/{conversation}")
+        messages = json.loads(raw)["messages"]
+        assert status == 200 and [(m["role"], m["sources"]) for m in messages] == [
+            ("user", None), ("assistant", sources)]
+        status, _, raw = http("GET", f"{daemon.url}/api/v1/conversations/{conversation}/export?format=md")
+        assert status == 200 and "1. first-aid.pdf, page 6" in raw.decode()
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="gemma3-270m", messages=question, max_tokens=4,
                                            extra_body={"offgrid": {"collection": 7}})

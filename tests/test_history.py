@@ -514,6 +514,24 @@ async def test_an_older_database_gains_the_history_tables_and_keeps_its_jobs(tmp
     db.close()
 
 
+async def test_messages_kept_before_answers_had_sources_gain_the_column_and_stay_searchable(tmp_path):
+    path = tmp_path / "offgridd.db"
+    old = Database(path)
+    store = ConversationStore(old)
+    await pump_conversation(store)
+    old.run_sync(lambda db: db.execute("ALTER TABLE messages DROP COLUMN sources"))  # as the last release wrote it
+    old.close()
+    db = Database(path)
+    store = ConversationStore(db)
+    c = await store.record_exchange(owner=None, conversation_id=None, answer="Boil it for a minute [1].",
+                                    request_messages=[{"role": "user", "content": "How long to boil water?"}],
+                                    sources=[{"file": "water.md", "page": 1}])
+    assert [m.sources for m in (await store.get(c.id, owner=None)).messages] == [None, [{"file": "water.md",
+                                                                                            "page": 1}]]
+    assert len(await store.search("install", owner="alice")) == 2
+    db.close()
+
+
 async def test_history_work_never_blocks_the_event_loop(store, caplog):
     loop = asyncio.get_running_loop()
     loop.set_debug(True)

@@ -52,8 +52,9 @@ def _model_card(m) -> dict:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    req, extra = await _grounded(request, body, parse_chat(body))
-    return await _generate(request, req, chat=True, extra=extra)
+    asked = parse_chat(body)
+    req, extra = await _grounded(request, body, asked)
+    return await _generate(request, req, chat=True, extra=extra, asked=asked)
 
 
 async def _grounded(request: web.Request, body: dict, req: GenerationRequest) -> tuple[GenerationRequest, dict | None]:
@@ -108,9 +109,12 @@ def _b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-async def _generate(request: web.Request, req: GenerationRequest, chat: bool,
-                    extra: dict | None = None) -> web.StreamResponse:
-    kept = await Kept.asked(request, req) if chat else None
+async def _generate(request: web.Request, req: GenerationRequest, chat: bool, extra: dict | None = None,
+                    asked: GenerationRequest | None = None) -> web.StreamResponse:
+    """`asked` is the chat as the client sent it, when `req` is that chat grounded in documents: a kept
+    conversation keeps the client's messages and the answer's sources, not the passages put into the prompt."""
+    sources = extra["offgrid"]["sources"] if extra else None
+    kept = await Kept.asked(request, asked or req, sources) if chat else None
     try:
         generation = await request.app[RUNTIME].inference.generate(
             req.model, prompt=req.prompt, messages=req.messages, params=req.params)
@@ -129,7 +133,7 @@ async def _generate(request: web.Request, req: GenerationRequest, chat: bool,
             if (done := generation.done) is not None:
                 charge(request, done.prompt_tokens + done.completion_tokens)
                 if kept is not None:
-                    await _to_the_end(kept.save(req, generation.model, done))
+                    await _to_the_end(kept.save(generation.model, done))
             elif kept is not None:
                 await _to_the_end(kept.drop())
 
@@ -176,13 +180,15 @@ class Kept:
     """A chat the client asked the box to keep (X-Offgrid-Conversation: "new", or a conversation's id): its answer
     (the first choice) is stored with the request's new turn once it is done."""
 
-    def __init__(self, store: ConversationStore, owner: str | None, conversation_id: str, new: bool):
+    def __init__(self, store: ConversationStore, owner: str | None, conversation_id: str, new: bool,
+                 messages: list[dict], sources: list[dict] | None):
         self.store, self.owner, self.id, self.new = store, owner, conversation_id, new
+        self.messages, self.sources = messages, sources
         self.headers = {CONVERSATION_HEADER: conversation_id}
         self.text: list[str] = []
 
     @classmethod
-    async def asked(cls, request: web.Request, req: GenerationRequest) -> Kept | None:
+    async def asked(cls, request: web.Request, req: GenerationRequest, sources: list[dict] | None) -> Kept | None:
         wanted = request.headers.get(CONVERSATION_HEADER)
         if wanted is None:
             return None
@@ -194,21 +200,21 @@ class Kept:
                 first = next((m["content"] for m in req.messages if m["role"] == "user" and m["content"]), "")
                 conversation = await store.create(owner=owner, source="api", model=req.model or "",
                                                   **({"title": " ".join(first.split())[:60]} if first.strip() else {}))
-                return cls(store, owner, conversation.id, new=True)
+                return cls(store, owner, conversation.id, True, req.messages, sources)
             await store.get(wanted, owner=owner)
         except ConversationNotFound as e:
             raise ApiError(404, str(e), param=CONVERSATION_HEADER, code="conversation_not_found") from None
         except HistoryError as e:
             raise ApiError(400 if not isinstance(e, HistoryFull) else 507, str(e), param=CONVERSATION_HEADER) \
                 from None
-        return cls(store, owner, wanted, new=False)
+        return cls(store, owner, wanted, False, req.messages, sources)
 
-    async def save(self, req: GenerationRequest, model: str, done: Done) -> None:
+    async def save(self, model: str, done: Done) -> None:
         try:
             await self.store.record_exchange(
-                owner=self.owner, conversation_id=self.id, request_messages=req.messages, answer="".join(self.text),
+                owner=self.owner, conversation_id=self.id, request_messages=self.messages, answer="".join(self.text),
                 model=model, prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                finish_reason=done.finish_reasons[0], whole=self.new)
+                finish_reason=done.finish_reasons[0], whole=self.new, sources=self.sources)
         except HistoryError as e:  # the client has its answer; keeping it failed, and the log says why
             log.warning("could not keep a chat in conversation %s: %s", self.id, e)
 

@@ -17,22 +17,15 @@ class Searcher(Protocol):
                      method: str = "hybrid") -> tuple[Passage, ...]: ...
 
 
-def _text(content: object) -> str:
-    """An OpenAI message's content as text: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-    return ""
+def _text(message: object) -> str:
+    """A message's content, as the API parsed it: text, or None (an assistant's tool calls)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def question_of(messages: list[dict]) -> str:
     """What to look for: the last user message's text."""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return _text(message.get("content"))
-    return ""
+    return next((_text(m) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), "")
 
 
 def context_message(passages: tuple[Passage, ...]) -> dict:
@@ -48,8 +41,9 @@ def source(passage: Passage) -> dict:
 
 async def ground(messages: list[dict], collection: str, store: Searcher,
                  top_k: int | None = None) -> tuple[list[dict], list[dict]]:
-    """The chat's messages with the collection's top passages for its last question in a system message, and the
-    sources [{file, page, score, excerpt, document_id}] numbered as in that message (source n is [n+1]).
+    """The chat's messages (as the API parsed them) with the collection's top passages for its last question in a
+    system message, and the sources [{file, page, score, excerpt, document_id}] numbered as in that message (source n
+    is [n+1]).
 
     The passages join the system message at the start, after the client's own system text when there is one (many
     chat templates, Gemma's among them, take a system message only first). With no question or nothing found, the
@@ -62,7 +56,7 @@ async def ground(messages: list[dict], collection: str, store: Searcher,
     context = context_message(passages)
     first = messages[0] if messages else None
     if isinstance(first, dict) and first.get("role") in ("system", "developer"):
-        merged = {**first, "content": f"{_text(first.get('content')).rstrip()}\n\n{context['content']}"}
+        merged = {**first, "content": f"{_text(first).rstrip()}\n\n{context['content']}"}
         grounded = [merged, *messages[1:]]
     else:
         grounded = [context, *messages]

@@ -37,6 +37,8 @@ def to_markdown(transcript: Transcript) -> str:
     lines = [f"# {c.title}", "", "_" + " · ".join(about) + "_", ""]
     for m in transcript.messages:
         lines += [f"## {_speaker(m)}", "", m.content.rstrip("\n"), ""]
+        if m.sources:  # an answer grounded in the box's documents, numbered as it cites them
+            lines += [f"{i}. {s.get('file')}, page {s.get('page')}" for i, s in enumerate(m.sources, start=1)] + [""]
     return "\n".join(lines)
 
 

@@ -66,6 +66,7 @@ class Message:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    sources: list[dict] | None = None  # an answer grounded in documents: [{file, page, score, excerpt, document_id}]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,8 +18,10 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         pk="n", not_null={"id", "title", "created", "updated", "model", "source"}, if_not_exists=True)
     db["messages"].create(
         {"id": int, "conversation_id": str, "role": str, "content": str, "created": float, "model": str,
-         "prompt_tokens": int, "completion_tokens": int, "finish_reason": str, "scope": str},
+         "prompt_tokens": int, "completion_tokens": int, "finish_reason": str, "scope": str, "sources": str},
         pk="id", not_null={"conversation_id", "role", "content", "created", "model", "scope"}, if_not_exists=True)
+    if "sources" not in db["messages"].columns_dict:  # a database from before grounded answers kept their sources
+        db["messages"].add_column("sources", str)
     db.executescript("""
         CREATE UNIQUE INDEX IF NOT EXISTS conversations_id ON conversations(id);
         CREATE INDEX IF NOT EXISTS conversations_owner_updated ON conversations(owner, updated DESC);

@@ -7,6 +7,7 @@ asynchronous face the HTTP layer and the daemon use, and never blocks the event 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -121,10 +122,10 @@ def list_conversations(db: sqlite_utils.Database, *, owner: Owner, limit: int = 
 def get_transcript(db: sqlite_utils.Database, conversation_id: str, *, owner: Owner) -> Transcript:
     conversation = _find(db, conversation_id, owner)
     rows = db.execute("SELECT id, conversation_id, role, content, created, model, prompt_tokens, completion_tokens, "
-                      "finish_reason FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
+                      "finish_reason, sources FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
     names = ("id", "conversation_id", "role", "content", "created", "model", "prompt_tokens", "completion_tokens",
              "finish_reason")
-    messages = tuple(Message(**dict(zip(names, r, strict=True))) for r in rows)
+    messages = tuple(Message(**dict(zip(names, r[:-1], strict=True)), sources=_sources(r[-1])) for r in rows)
     return Transcript(conversation=conversation, messages=messages)
 
 
@@ -165,12 +166,20 @@ def _text(content: object) -> str:
     return ""
 
 
+def _sources(raw: str | None) -> list[dict] | None:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:  # written by this module only; a damaged value costs the sources, never the message
+        return None
+
+
 def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversation_id: str | None,
                     request_messages: list, answer: str, model: str = "", prompt_tokens: int | None = None,
                     completion_tokens: int | None = None, finish_reason: str | None = None, source: str = "api",
-                    max_bytes: int = 0, whole: bool = False) -> Conversation:
+                    max_bytes: int = 0, whole: bool = False, sources: list[dict] | None = None) -> Conversation:
     """Keep one chat completion: into a new conversation (all its messages), or an existing one (the new turn only,
-    unless `whole`: a conversation made empty for this very request takes all of it).
+    unless `whole`: a conversation made empty for this very request takes all of it). `sources`, of an answer grounded
+    in documents, are kept with it.
 
     The new turn of a request is its trailing messages after the last assistant one, since a client resends the
     whole history each time; system messages are kept only in a new conversation. An empty answer is not kept.
@@ -186,7 +195,9 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
     for role, text in turns:
         check_message(role, text)
     check_message("assistant", answer)
-    check_room(db, max_bytes, sum(len(text.encode("utf-8", "surrogatepass")) for _, text in turns) + len(answer))
+    kept_sources = json.dumps(sources, ensure_ascii=False) if sources else None
+    check_room(db, max_bytes, sum(len(text.encode("utf-8", "surrogatepass")) for _, text in turns) + len(answer)
+               + len(kept_sources or ""))
     now = time.time()
     with db.atomic():  # a new conversation and its messages, or nothing
         if conversation_id is None:
@@ -203,7 +214,8 @@ def record_exchange(db: sqlite_utils.Database, *, owner: str | None, conversatio
         if answer:
             rows.append({"conversation_id": conversation.id, "role": "assistant", "content": answer,
                          "created": now, "model": model or "", "prompt_tokens": prompt_tokens,
-                         "completion_tokens": completion_tokens, "finish_reason": finish_reason, "scope": scope})
+                         "completion_tokens": completion_tokens, "finish_reason": finish_reason, "scope": scope,
+                         "sources": kept_sources})
         if rows:
             db["messages"].insert_all(rows, batch_size=200)
         db.execute("UPDATE conversations SET updated = ?, model = ? WHERE id = ?",
@@ -269,12 +281,14 @@ class ConversationStore:
     async def record_exchange(self, *, owner: str | None, conversation_id: str | None, request_messages: list,
                               answer: str, model: str = "", prompt_tokens: int | None = None,
                               completion_tokens: int | None = None, finish_reason: str | None = None,
-                              source: str = "api", whole: bool = False) -> Conversation:
+                              source: str = "api", whole: bool = False,
+                              sources: list[dict] | None = None) -> Conversation:
         """Keep a chat completion a client asked to keep (see record_exchange); returns the conversation."""
         return await self._run(record_exchange, owner=owner, conversation_id=conversation_id,
                                request_messages=request_messages, answer=answer, model=model,
                                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                               finish_reason=finish_reason, source=source, max_bytes=self.max_bytes, whole=whole)
+                               finish_reason=finish_reason, source=source, max_bytes=self.max_bytes, whole=whole,
+                               sources=sources)
 
     async def list(self, *, owner: Owner, limit: int = 50, offset: int = 0) -> ConversationPage:
         return await self._run(list_conversations, owner=owner, limit=limit, offset=offset)
