@@ -52,7 +52,7 @@ def documents(settings: Settings, db: Database, inference: Inference) -> Documen
 
     return DocumentStore(db, embed, model=model, limits=Limits(
         max_upload_bytes=d.max_upload_bytes, max_total_bytes=d.max_total_bytes, chunk_words=d.chunk_words,
-        overlap_words=d.overlap_words, top_k=d.top_k))
+        overlap_words=d.overlap_words, top_k=d.top_k, max_db_bytes=settings.history.max_db_bytes))
 
 
 def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
@@ -73,16 +73,18 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
                                       led_pattern=functools.partial(status.led_pattern, rt))
     if settings.history.enabled:
         rt.history = ConversationStore(db, max_bytes=settings.history.max_db_bytes)
+    if settings.documents.enabled:  # before the USB watch, which takes documents off sticks into it
+        rt.documents = documents(settings, db, inference)
     if settings.usb.enabled:
-        rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool)
+        rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool,
+                            add_document=rt.documents.add if rt.documents else None,
+                            max_document_bytes=settings.documents.max_upload_bytes)
     if settings.peers.enabled:
         rt.peers = PeerService(settings, store, rt.jobs, metrics, bus,
                                load=lambda: (inference.active, inference.waiting))
     if settings.voice.enabled:  # speech takes its turn in the same queue as chat
         rt.voice = VoiceService(settings.voice, store, admission.ticket, inference.idle,
                                 wait_limit=settings.queue_timeout, chat=inference.generate)
-    if settings.documents.enabled:
-        rt.documents = documents(settings, db, inference)
     return rt
 
 

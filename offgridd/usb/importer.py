@@ -1,4 +1,5 @@
-"""Import what a stick carries: one job per model, copied once while hashing, committed through the store or not at all.
+"""Import what a stick carries: one job per model, copied once while hashing, committed through the store or not at all;
+then its documents/ folder, listed here and imported by the caller on the event loop (`documents.import_documents`).
 
 Blocks (reads the stick, writes the store): the daemon runs `import_stick` in an executor, the CLI calls it directly.
 """
@@ -17,13 +18,18 @@ from pathlib import Path
 
 from ..jobs import Job, JobBoard
 from ..store import CHUNK, ModelStore, StoreError
-from .stick import Stick, StickError, StickFileError, StickModel, open_on_stick, read_stick
+from .documents import FOLDER, DocumentListing, DocumentResult, StickDocument, read_documents
+from .documents import KIND as DOCUMENT_KIND
+from .stick import Refusal, Stick, StickError, StickFileError, StickModel, open_on_stick, read_stick
 
 log = logging.getLogger(__name__)
 
 KIND = "usb-import"
 RESERVE_BYTES = 16 << 20  # left free after an import, so sqlite and the logs can still write
 LOG_EVERY_S = 5.0
+NEEDS_DAEMON = ("documents are imported by the running daemon, which embeds them with its model: run "
+                "'offgridd usb import' while it runs, or plug the stick into the box")
+DOCUMENTS_OFF = "documents are off on this box (documents.enabled = false)"
 
 
 class Interrupted(Exception):
@@ -36,6 +42,7 @@ class StickReadError(Exception):
 
 @dataclass(slots=True, kw_only=True)
 class ModelResult:
+    kind: str = "model"
     name: str
     file: str
     state: str  # done | skipped | failed
@@ -48,8 +55,9 @@ class ModelResult:
 @dataclass(slots=True, kw_only=True)
 class StickReport:
     root: str
-    results: list[ModelResult] = field(default_factory=list)
+    results: list[ModelResult | DocumentResult] = field(default_factory=list)  # models first, then documents
     refused: str = ""  # the whole stick was refused, and why
+    pending_documents: list[StickDocument] = field(default_factory=list, repr=False)  # for the caller to import
 
     @property
     def ok(self) -> bool:
@@ -57,7 +65,12 @@ class StickReport:
 
     @property
     def imported(self) -> list[str]:
-        return [r.name for r in self.results if r.state == "done"]
+        """The models imported."""
+        return [r.name for r in self.results if r.kind == "model" and r.state == "done"]
+
+    @property
+    def documents_imported(self) -> list[str]:
+        return [f"{r.collection}/{r.name}" for r in self.results if r.kind == "document" and r.state == "done"]
 
     def to_dict(self) -> dict:
         return {"root": self.root, "ok": self.ok, "refused": self.refused,
@@ -159,8 +172,12 @@ def _import_open(model: StickModel, f, size: int, store: ModelStore, jobs: JobBo
 
 
 def import_stick(root: Path, *, store: ModelStore, jobs: JobBoard, allow_unverified: bool = False,
-                 cancel: threading.Event | None = None) -> StickReport:
-    """Import every model a mounted stick offers; a stick that is wrong as a whole is refused with one job record."""
+                 cancel: threading.Event | None = None, documents_off: str | None = NEEDS_DAEMON) -> StickReport:
+    """Import every model a mounted stick offers; a stick that is wrong as a whole is refused with one job record.
+
+    Its documents are listed: those refused get their job here; the rest are left in `report.pending_documents` for
+    the caller to import on the event loop, or, when `documents_off` says why this caller cannot, skipped with
+    one job saying so."""
     report = StickReport(root=str(root))
     store.open()
     try:
@@ -174,15 +191,48 @@ def import_stick(root: Path, *, store: ModelStore, jobs: JobBoard, allow_unverif
         jobs.finish(job, "failed", report.refused)
         log.warning("usb import from %s: %s", root, report.refused, extra={"SOURCE": f"usb:{root}", "JOB": job.id})
         return report
+    documents = _read_documents(Path(root))
     for refusal in stick.refused:
         job = jobs.start(KIND, f"usb:{root}/{refusal.file}", refusal.name)
         jobs.finish(job, "failed", refusal.reason)
         log.warning("usb import from %s: %s", root, refusal.reason)
         report.results.append(ModelResult(name=refusal.name, file=refusal.file, state="failed",
                                           reason=refusal.reason, job=job.id))
-    if not stick.models and not stick.refused:
-        report.refused = f"no models on {root}: expected OFFGRID/manifest.json or *.gguf files with a .sha256 beside"
+    if not stick.models and not stick.refused and not documents.found:
+        hint = f" ({documents.hint})" if documents.hint else ""
+        report.refused = (f"no models on {root}: expected OFFGRID/manifest.json, *.gguf files with a .sha256 beside, "
+                          f"or a {FOLDER}/ folder{hint}")
         return report
     for model in stick.models:
         report.results.append(import_model(stick, model, store=store, jobs=jobs, cancel=cancel))
+    _list_documents(report, documents, jobs, documents_off)
     return report
+
+
+def _read_documents(root: Path) -> DocumentListing:
+    try:
+        return read_documents(root)
+    except Exception as e:  # a bug a hostile stick found costs its documents, not its models
+        log.exception("listing the documents on the stick at %s failed unexpectedly", root)
+        return DocumentListing(found=True, refused=[Refusal(file=FOLDER, reason=(
+            f"{FOLDER}/ could not be read ({type(e).__name__}: {e}); no document was imported"))])
+
+
+def _list_documents(report: StickReport, documents: DocumentListing, jobs: JobBoard, off: str | None) -> None:
+    root = report.root
+    for refusal in documents.refused:
+        job = jobs.start(DOCUMENT_KIND, f"usb:{root}/{refusal.file}", refusal.name)
+        jobs.finish(job, "failed", refusal.reason)
+        log.warning("usb import from %s: %s", root, refusal.reason)
+        report.results.append(DocumentResult(name=refusal.name, file=refusal.file, collection=None, state="failed",
+                                             reason=refusal.reason, job=job.id))
+    if off is None:
+        report.pending_documents = list(documents.documents)
+    elif documents.documents:
+        count = len(documents.documents)
+        reason = f"{off}; the {count} document(s) in {FOLDER}/ were left on the stick"
+        job = jobs.start(DOCUMENT_KIND, f"usb:{root}/{FOLDER}", FOLDER)
+        jobs.finish(job, "skipped", reason)
+        log.info("usb import from %s: %s", root, reason)
+        report.results.append(DocumentResult(name=FOLDER, file=FOLDER, collection=None, state="skipped",
+                                             reason=reason, job=job.id))

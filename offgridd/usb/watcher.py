@@ -20,7 +20,8 @@ from ..inference import ModelPool
 from ..jobs import JobBoard
 from ..settings import UsbSettings
 from ..store import ModelStore
-from .importer import StickReport, import_stick
+from .documents import AddDocument, import_documents
+from .importer import DOCUMENTS_OFF, StickReport, import_stick
 from .mounts import Mount, mounted_sticks
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,12 @@ def open_udev_monitor():
 class UsbWatcher:
     name = "usb"
 
-    def __init__(self, settings: UsbSettings, store: ModelStore, jobs: JobBoard, bus: EventBus, pool: ModelPool):
+    def __init__(self, settings: UsbSettings, store: ModelStore, jobs: JobBoard, bus: EventBus, pool: ModelPool, *,
+                 add_document: AddDocument | None = None, max_document_bytes: int = 32 << 20):
         self.settings = settings
         self.store, self.jobs, self.bus, self.pool = store, jobs, bus, pool
+        self.add_document = add_document  # the document store's add; None where documents are off
+        self.max_document_bytes = max_document_bytes
         self.mode = "stopped"  # udev | poll
         self.udev_events = 0
         self.rescans = 0
@@ -106,6 +110,11 @@ class UsbWatcher:
         if self._running is not None and not self._running.done():  # let the copy thread clean up its staging file
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._running), STOP_WAIT_S)
+        if self._imports:  # a document being embedded ends its job, the rest are failed at once (self._cancel)
+            _, late = await asyncio.wait(list(self._imports), timeout=STOP_WAIT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         self.mode = "stopped"
 
     def describe(self) -> dict:
@@ -190,13 +199,19 @@ class UsbWatcher:
             try:
                 self._running = loop.run_in_executor(None, functools.partial(
                     import_stick, Path(path), store=self.store, jobs=self.jobs,
-                    allow_unverified=self.settings.allow_unverified, cancel=self._cancel))
+                    allow_unverified=self.settings.allow_unverified, cancel=self._cancel,
+                    documents_off=None if self.add_document is not None else DOCUMENTS_OFF))
                 report = await asyncio.shield(self._running)
+                if report.pending_documents:  # after the models: embedding takes about a second a page
+                    report.results += await import_documents(
+                        Path(path), report.pending_documents, add=self.add_document,
+                        max_bytes=self.max_document_bytes, jobs=self.jobs, cancel=self._cancel)
             finally:
                 self.importing = None
                 summary = report.to_dict() if report is not None else {"root": str(path), "ok": False}
                 self.last = {k: summary.get(k) for k in ("root", "ok", "refused")} | {
                     "imported": report.imported if report else [],
+                    "documents": report.documents_imported if report else [],
                     "failed": sum(r.state == "failed" for r in report.results) if report else 0}
                 self.bus.publish("usb", {"state": "idle", **self.last})
         if report.refused and not report.results:
