@@ -45,6 +45,12 @@ function fmtBytes(n) {
   return (i === 0 ? n : n.toFixed(n < 10 ? 1 : 0)) + " " + units[i];
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function fmtWhen(epochS) {
+  return typeof epochS === "number" && isFinite(epochS) ? new Date(epochS * 1000).toLocaleString() : "";
+}
+
 function fmtDuration(s) {
   if (typeof s !== "number" || !isFinite(s)) return "";
   s = Math.round(s);
@@ -149,10 +155,11 @@ async function errorFrom(resp) {
 async function call(path, { method = "GET", body, admin = false, signal, raw = false, headers: extra = {} } = {}) {
   for (;;) {
     const headers = { ...authHeaders(admin), ...extra };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const form = body instanceof FormData; // multipart: the browser writes its Content-Type with the boundary
+    if (body !== undefined && !form) headers["Content-Type"] = "application/json";
     const resp = await fetch(path, {
       method, headers, signal, cache: "no-store",
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || form ? body : JSON.stringify(body),
     });
     if (resp.ok) return raw ? resp : resp.json();
     const err = await errorFrom(resp);
@@ -465,6 +472,161 @@ function renderPeers(list) {
   }));
 }
 
+/* ---------- documents: collections a chat can be answered from, with sources (/api/v1/documents) ---------- */
+
+const docs = {
+  on: true, // false where the box has documents off (503 documents_disabled) or no documents routes
+  loaded: false,
+  collections: [], // [{name, documents, bytes, chunks}]
+  documents: [],
+  chosen: saved.get("collection", ""), // the collection chats are answered from; "" for none
+  queue: Promise.resolve(), // uploads go one after another: the box embeds one at a time anyway
+};
+
+async function loadDocuments() {
+  try {
+    const body = await call("/api/v1/documents");
+    docs.collections = body.collections || [];
+    docs.documents = body.documents || [];
+    docs.loaded = true;
+    setDocumentsShown(true);
+    renderDocuments();
+    renderCollectionChoice();
+  } catch (e) {
+    if (e instanceof ApiError && (e.status === 404 || e.code === "documents_disabled")) setDocumentsShown(false);
+    else showBanner("Could not list the documents. " + explain(e));
+  }
+}
+
+function setDocumentsShown(on) {
+  docs.on = on;
+  document.querySelector('[data-tab="documents"]').hidden = !on;
+  $("collection-choice").hidden = !on;
+  $("documents-off").hidden = on;
+  $("documents-on").hidden = !on;
+  if (!on && !$("documents").hidden) showTab("chat");
+}
+
+function renderDocuments() {
+  const names = docs.collections.map((c) => c.name);
+  $("no-documents").hidden = docs.documents.length > 0;
+  $("collection-names").replaceChildren(...names.map((n) => el("option", { value: n })));
+  const search = $("doc-search-collection"), was = search.value;
+  search.replaceChildren(...names.map((n) => el("option", { value: n, text: n })));
+  search.value = names.includes(was) ? was : names.includes(docs.chosen) ? docs.chosen : names[0] || "";
+  $("doc-search-area").hidden = !names.length;
+  $("collection-list").replaceChildren(...docs.collections.map((c) => el("section",
+    { class: "collection", "data-collection": c.name, "aria-label": `Collection ${c.name}` },
+    el("h3", { text: c.name }),
+    el("p", { class: "muted", text: [plural(c.documents, "document"), fmtBytes(c.bytes), plural(c.chunks, "chunk")]
+      .join(" · ") }),
+    el("ul", { class: "cards" }, ...docs.documents.filter((d) => d.collection === c.name).map(documentCard)))));
+}
+
+function documentCard(d) {
+  return el("li", { class: "card", "data-document": String(d.id) },
+    el("div", { class: "card-head" }, el("strong", { text: d.filename }), el("span", { class: "badge", text: d.kind })),
+    el("p", { text: [plural(d.pages, "page"), plural(d.chunks, "chunk"), fmtBytes(d.size)].join(" · ") }),
+    el("p", { class: "muted", text: "added " + fmtWhen(d.added) }),
+    el("button", { type: "button", class: "danger", text: "Delete", "aria-label": `Delete ${d.filename}`,
+      onclick: () => deleteDocument(d) }));
+}
+
+function renderCollectionChoice() {
+  const names = docs.collections.map((c) => c.name);
+  if (docs.loaded && docs.chosen && !names.includes(docs.chosen)) { // its last document went, here or elsewhere
+    docs.chosen = "";
+    saved.set("collection", "");
+  }
+  const shown = docs.loaded ? docs.collections : docs.chosen ? [{ name: docs.chosen }] : [];
+  $("collection").replaceChildren(el("option", { value: "", text: "None" }), ...shown.map((c) =>
+    el("option", { value: c.name, text: c.documents ? `${c.name} (${c.documents})` : c.name })));
+  $("collection").value = docs.chosen;
+}
+
+async function deleteDocument(d) {
+  if (!await confirmAction(`Delete ${d.filename}?`, `It leaves the collection “${d.collection}”: answers no longer `
+    + "cite it. This cannot be undone.")) return;
+  try {
+    await call(`/api/v1/documents/${encodeURIComponent(d.id)}`, { method: "DELETE", admin: true });
+    hideBanner();
+  } catch (e) {
+    showBanner(`Could not delete ${d.filename}. ` + explain(e));
+  }
+  loadDocuments();
+}
+
+function queueUploads() {
+  const input = $("upload-files");
+  const collection = $("upload-collection").value.trim() || "default";
+  for (const file of input.files) {
+    const state = el("span", { class: "state", text: "waiting…" });
+    const item = el("li", { class: "card upload waiting", "data-upload": file.name },
+      el("div", { class: "card-head" }, el("strong", { text: file.name }), el("span", { class: "badge",
+        text: collection })), el("p", {}, state));
+    $("upload-list").append(item);
+    docs.queue = docs.queue.then(() => upload(file, collection, item, state));
+  }
+  input.value = "";
+}
+
+async function upload(file, collection, item, state) {
+  const started = Date.now();
+  const tick = () => { state.textContent = `uploading… ${fmtDuration((Date.now() - started) / 1000)}`; };
+  const timer = setInterval(tick, 1000);
+  const bar = el("progress", { "aria-label": `${file.name}: being read` }); // no value: it runs until the box answers
+  item.className = "card upload busy";
+  item.append(bar);
+  tick();
+  const form = new FormData();
+  form.append("collection", collection);
+  form.append("file", file, file.name);
+  try {
+    const d = await call("/api/v1/documents", { method: "POST", body: form, admin: true });
+    item.className = "card upload added";
+    state.textContent = `added: ${plural(d.pages, "page")}, ${plural(d.chunks, "chunk")}`;
+  } catch (e) {
+    item.className = "card upload refused";
+    state.textContent = e instanceof ApiError ? `refused: ${e.message}` : explain(e);
+  } finally {
+    clearInterval(timer);
+    bar.remove();
+  }
+  await loadDocuments();
+}
+
+async function searchDocuments() {
+  const q = $("doc-search").value.trim(), collection = $("doc-search-collection").value;
+  const list = $("doc-results");
+  if (!q) { list.replaceChildren(); return; }
+  const { passages } = await call(`/api/v1/documents/search?q=${encodeURIComponent(q)}`
+    + `&collection=${encodeURIComponent(collection)}`);
+  list.replaceChildren(...(passages.length ? passages.map((p) => el("li", { class: "card passage" },
+    el("strong", { text: `${p.filename}, page ${p.page}` }), el("p", { class: "prose", text: p.text })))
+    : [el("li", { class: "muted", text: `Nothing in “${collection}” matches.` })]));
+}
+
+// The passages an answer was given, numbered as the model cites them ([1] is the first); each excerpt opens below.
+function sourcesNode(sources) {
+  return el("div", { class: "sources" }, el("p", { class: "sources-title", text: "Sources" }),
+    el("ol", { "aria-label": "Sources" }, ...sources.map((s, i) => {
+      const where = [String((s && s.file) || "document"), s && s.page ? `page ${s.page}` : ""].filter(Boolean);
+      const excerpt = s && typeof s.excerpt === "string" ? s.excerpt : "";
+      return el("li", { "data-source": String(i + 1) }, el("details", {},
+        el("summary", { text: `[${i + 1}] ${where.join(", ")}`, title: excerpt }),
+        el("p", { class: "excerpt", text: excerpt })));
+    })));
+}
+
+function groundingNode(msg) {
+  if (Array.isArray(msg.sources) && msg.sources.length) return sourcesNode(msg.sources);
+  if (msg.grounded) {
+    return el("p", { class: "sources muted", text: `Nothing in the documents of “${msg.grounded}” matched this `
+      + "question: the answer is the model's alone." });
+  }
+  return null;
+}
+
 /* ---------- chat: conversations live on the box (/api/v1/conversations), so every device sees them ---------- */
 
 let conversations = []; // [{id, title, model, ...}], newest first, as the box lists them
@@ -497,7 +659,8 @@ async function openConversation(id) {
     try {
       const t = await call(`/api/v1/conversations/${encodeURIComponent(id)}`);
       shown = t.messages.map((m) => ({ role: m.role, content: m.content,
-        stats: m.completion_tokens ? `${m.completion_tokens} tokens` : "" }));
+        stats: m.completion_tokens ? `${m.completion_tokens} tokens` : "",
+        sources: Array.isArray(m.sources) ? m.sources : null }));
       model = t.model || model;
     } catch (e) {
       if (!(e instanceof ApiError && e.status === 404)) throw e;
@@ -572,7 +735,7 @@ function messageNode(msg) {
     ? el("button", { type: "button", class: "quiet speak", text: "Speak", title: "Read this answer aloud",
       onclick: (e) => speakText(msg.content, e.currentTarget) }) : null;
   return el("article", { class: `msg ${msg.role}` }, el("header", { text: label }, speak), body,
-    msg.stats ? el("footer", { text: msg.stats }) : null);
+    msg.role === "assistant" ? groundingNode(msg) : null, msg.stats ? el("footer", { text: msg.stats }) : null);
 }
 
 function renderChat() {
@@ -612,6 +775,7 @@ async function send() {
   const history = messages.filter((m) => m.role === "user" || m.role === "assistant")
     .map(({ role, content }) => ({ role, content }));
   const answer = { role: "assistant", content: "" };
+  const collection = docs.on ? docs.chosen : "";
   messages.push(answer);
   $("prompt").value = "";
   renderChat();
@@ -635,7 +799,7 @@ async function send() {
       method: "POST", raw: true, signal: generation.ctrl.signal,
       headers: { "X-Offgrid-Conversation": current || "new" }, // the box keeps the exchange once it is done
       body: { model: chosenModel || undefined, messages: history, stream: true, max_tokens: MAX_TOKENS,
-        stream_options: { include_usage: true } },
+        stream_options: { include_usage: true }, offgrid: collection ? { collection } : undefined },
     });
     current = resp.headers.get("X-Offgrid-Conversation") || current;
     saved.set("current", current);
@@ -644,6 +808,12 @@ async function send() {
       const chunk = JSON.parse(data);
       if (chunk.error) { failed = chunk.error.message; return false; }
       if (chunk.usage) usage = chunk.usage;
+      if (chunk.offgrid && Array.isArray(chunk.offgrid.sources)) { // the first chunk of a grounded answer
+        answer.grounded = chunk.offgrid.collection || collection;
+        answer.sources = chunk.offgrid.sources;
+        const shown = groundingNode(answer);
+        if (shown) body.after(shown);
+      }
       const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content;
       if (piece) {
         last = performance.now();
@@ -694,13 +864,17 @@ function showTab(name) {
 
 function refreshAll() {
   loadModels();
+  loadDocuments();
   loadJobs();
   loadPeers();
 }
 
 function wire() {
   for (const tab of document.querySelectorAll(".tab[data-tab]")) {
-    tab.addEventListener("click", () => showTab(tab.dataset.tab));
+    tab.addEventListener("click", () => {
+      showTab(tab.dataset.tab);
+      if (tab.dataset.tab === "documents") loadDocuments(); // another device may have changed them
+    });
   }
   $("keys").addEventListener("click", async () => {
     if (await askKey("api", "The API key this browser sends; admin actions ask for the admin key.")) refreshAll();
@@ -737,6 +911,15 @@ function wire() {
     openConversation(e.target.value || null).catch((err) => showBanner(explain(err)));
   });
   $("model").addEventListener("change", (e) => { chosenModel = e.target.value; });
+  $("collection").addEventListener("change", (e) => {
+    docs.chosen = e.target.value;
+    saved.set("collection", docs.chosen);
+  });
+  $("upload-form").addEventListener("submit", (e) => { e.preventDefault(); queueUploads(); });
+  $("doc-search-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    searchDocuments().catch((err) => showBanner("Could not search the documents. " + explain(err)));
+  });
   $("history-search").addEventListener("keydown", (e) => {
     if (e.key === "Enter") { e.preventDefault(); searchHistory(e.target.value).catch((err) => showBanner(explain(err))); }
     if (e.key === "Escape") { e.target.value = ""; $("search-results").hidden = true; }
@@ -864,6 +1047,7 @@ async function toggleMic() {
 }
 
 wire();
+renderCollectionChoice();
 const tab = saved.get("tab", "chat");
 showTab(tab === "peers" ? "chat" : tab);
 renderChat();
