@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,3 +89,37 @@ class Tables:
 def _log_failure(future, what: str) -> None:
     if not future.cancelled() and (e := future.exception()) is not None:
         log.error("%s failed: %s", what, e, exc_info=e)
+
+
+CARD_RESERVE_BYTES = 64 << 20  # left free on the card by writes to the database: the journal and logs need room too
+
+
+class DatabaseFull(Exception):
+    """Writing this would take offgridd.db past its bound (history.max_db_bytes)."""
+
+
+def used_bytes(db: sqlite_utils.Database) -> int:
+    """The bytes the database's pages hold, not counting free pages a vacuum would give back."""
+    pages, free, size = (db.execute(f"PRAGMA {name}").fetchone()[0]
+                         for name in ("page_count", "freelist_count", "page_size"))
+    return (pages - free) * size
+
+
+def check_room(db: sqlite_utils.Database, max_bytes: int, adding: int, remedy: str,
+               error: type[Exception] = DatabaseFull) -> None:
+    """Raise `error` when about `adding` more bytes (the caller counts its indexes) would take the database past
+    `max_bytes` (0: no bound), or leave less than CARD_RESERVE_BYTES free on its filesystem. `remedy` says how to
+    make room."""
+    path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if path:
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        if free - adding < CARD_RESERVE_BYTES:
+            raise error(f"the card has {free >> 20} MiB free and this needs about {max(1, adding >> 20)} MiB, with "
+                        f"{CARD_RESERVE_BYTES >> 20} MiB kept free for the system: {remedy}, or free space on it")
+    if max_bytes <= 0:
+        return
+    used = used_bytes(db)
+    if used + adding > max_bytes:
+        raise error(f"offgridd.db holds {used >> 20} MiB of its {max_bytes >> 20} MiB bound and this needs about "
+                    f"{max(1, adding >> 20)} MiB more: {remedy}, or raise history.max_db_bytes "
+                    "(OFFGRID_HISTORY_MAX_DB_BYTES) if the card has room")

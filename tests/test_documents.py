@@ -16,8 +16,16 @@ from conftest import private_state
 
 from offgridd.api.app import init_app
 from offgridd.daemon import build_runtime
-from offgridd.db import Database
-from offgridd.documents import DocumentExists, DocumentNotFound, DocumentStore, DocumentTooLarge, Limits, ground
+from offgridd.db import Database, used_bytes
+from offgridd.documents import (
+    DocumentExists,
+    DocumentNotFound,
+    DocumentsFull,
+    DocumentStore,
+    DocumentTooLarge,
+    Limits,
+    ground,
+)
 from offgridd.settings import load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -98,6 +106,27 @@ async def test_the_same_file_twice_and_uploads_past_the_limits_are_refused_with_
     with pytest.raises(DocumentTooLarge, match="max_total_bytes"):
         await store.add("b", "water.md", WATER.encode())  # the same file in another collection counts again
     assert len(await store.list()) == 1
+    db.close()
+
+
+async def test_a_document_that_would_take_the_database_past_its_bound_is_refused_before_it_is_embedded(
+        embed, tmp_path):
+    db = Database(tmp_path / "offgridd.db")
+    embedded: list[str] = []
+
+    async def counted(texts: list[str]) -> list[list[float]]:
+        embedded.extend(texts)
+        return await embed(texts)
+
+    small = DocumentStore(db, counted, model=MODEL, limits=Limits(max_db_bytes=1 << 20))
+    await small.add("notes", "water.md", WATER.encode())
+    used = small.db.run_sync(used_bytes)
+    # 400 pages of 120 words: about 2.4 MB of vectors and text against a 1 MiB bound
+    manual = "\f".join(" ".join(f"pump{page}w{i}" for i in range(120)) for page in range(400))
+    with pytest.raises(DocumentsFull, match="MiB bound .* 'manual.txt' does not fit: delete documents"):
+        await small.add("notes", "manual.txt", manual.encode())
+    assert embedded == [WATER.replace("\n", " ")]  # the refusal came before any of the manual was embedded
+    assert [d.filename for d in await small.list()] == ["water.md"] and small.db.run_sync(used_bytes) == used
     db.close()
 
 

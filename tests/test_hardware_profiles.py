@@ -45,6 +45,8 @@ def test_every_profile_says_what_to_run():
                 "queue_depth"} <= set(run), p.id
         assert p.values["thermal"]["critical_c"] > p.values["thermal"]["throttle_c"]
         assert p.generic or {"led", "button"} <= set(p.values["gpio"])
+        storage = p.values["storage"]  # what the card takes: one upload < all documents < the whole database
+        assert 0 < storage["max_upload_bytes"] < storage["max_documents_bytes"] < storage["max_db_bytes"], p.id
 
 
 def test_a_profile_with_an_unknown_key_is_refused(tmp_path):
@@ -59,6 +61,8 @@ def test_the_profile_is_a_layer_that_explicit_config_overrides(tmp_path):
     assert d.profile.id == "pi4-2gb"
     assert (settings.ctx, settings.parallel, settings.hardware.throttle_c, settings.hardware.led_pin) == (
         1024, 1, 75, 17)
+    assert (settings.documents.max_upload_bytes, settings.documents.max_total_bytes,
+            settings.history.max_db_bytes) == (16 << 20, 256 << 20, 1 << 30)
     config = tmp_path / "config.toml"
     config.write_text("ctx = 4096\n[hardware]\nthrottle_c = 70.0\n")
     settings, _ = settings_for_board(config=config, env={}, root=root)

@@ -473,7 +473,7 @@ async def test_its_size_is_reported_bounded_and_given_back_by_vacuum(database):
     assert size.to_dict()["used_bytes"] == (size.pages - size.freelist_pages) * 4096
 
     store.max_bytes = size.used_bytes + 10_000
-    with pytest.raises(HistoryFull, match="delete or export old conversations, or raise db_max_bytes"):
+    with pytest.raises(HistoryFull, match="delete or export old conversations, or raise history.max_db_bytes"):
         await store.append(c.id, owner=None, role="user", content="x" * 20_000)
     await store.append(c.id, owner=None, role="user", content="a short note still fits")
     with pytest.raises(HistoryFull):
@@ -511,6 +511,30 @@ async def test_an_older_database_gains_the_history_tables_and_keeps_its_jobs(tmp
     db.close()
     db = Database(path)  # a second start finds the schema there and changes nothing
     assert sorted(h.role for h in await ConversationStore(db).search("install", owner="alice")) == ["assistant", "user"]
+    db.close()
+
+
+@pytest.fixture
+def small_card(tmp_path):
+    """A 96 MiB filesystem of its own, as a small SD card would be."""
+    card = tmp_path / "card"
+    card.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(card)]).returncode:
+        pytest.skip("mounting a small filesystem for the card needs root")
+    yield card
+    subprocess.run(["umount", "-l", str(card)])
+
+
+async def test_a_card_nearly_full_refuses_new_messages_with_a_reason_and_keeps_what_it_has(small_card):
+    db = Database(small_card / "offgridd.db")
+    store = ConversationStore(db, max_bytes=0)  # no bound of its own: the card's free space is the bound
+    c = await store.create(owner=None, title="kept")
+    await store.append(c.id, owner=None, role="user", content="the pump is primed")
+    # something else fills the card to within 40 MiB of full
+    await asyncio.to_thread((small_card / "photos.bin").write_bytes, b"\0" * ((96 - 40) << 20))
+    with pytest.raises(HistoryFull, match="the card has [0-9]+ MiB free .* 64 MiB kept free"):
+        await store.append(c.id, owner=None, role="user", content="one more")
+    assert [m.content for m in (await store.get(c.id, owner=None)).messages] == ["the pump is primed"]
     db.close()
 
 

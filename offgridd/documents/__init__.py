@@ -9,6 +9,7 @@ from .records import (
     DocumentError,
     DocumentExists,
     DocumentNotFound,
+    DocumentsFull,
     DocumentTooLarge,
     InvalidDocument,
     Passage,
@@ -17,6 +18,7 @@ from .records import (
 from .store import DocumentStore, Embed, Limits
 
 __all__ = [
-    "KINDS", "Document", "DocumentError", "DocumentExists", "DocumentNotFound", "DocumentStore", "DocumentTooLarge",
+    "KINDS", "Document", "DocumentError", "DocumentExists", "DocumentNotFound", "DocumentStore", "DocumentsFull",
+    "DocumentTooLarge",
     "Embed", "InvalidDocument", "Limits", "Passage", "UnsupportedDocument", "extract", "ground",
 ]

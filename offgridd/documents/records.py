@@ -31,6 +31,12 @@ class DocumentTooLarge(DocumentError):
     status = 413
 
 
+class DocumentsFull(DocumentError):
+    """offgridd.db has no room for the document within its bound."""
+
+    status = 507
+
+
 class DocumentExists(DocumentError):
     status = 409
 

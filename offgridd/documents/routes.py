@@ -12,7 +12,7 @@ from .store import DocumentStore
 
 DOCUMENTS = web.AppKey("documents", DocumentStore)
 CODES = {400: "invalid_document", 404: "document_not_found", 409: "document_exists", 413: "document_too_large",
-         415: "unsupported_document"}
+         415: "unsupported_document", 507: "database_full"}
 READ_CHUNK = 1 << 16
 
 

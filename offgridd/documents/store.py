@@ -19,6 +19,7 @@ from typing import TypeVar
 import sqlite_utils
 
 from ..db import Database, Tables
+from ..db import check_room as db_check_room
 from .chunks import chunk_pages
 from .extract import extract
 from .records import (
@@ -26,6 +27,7 @@ from .records import (
     Document,
     DocumentExists,
     DocumentNotFound,
+    DocumentsFull,
     DocumentTooLarge,
     Extracted,
     InvalidDocument,
@@ -43,6 +45,8 @@ log = logging.getLogger("offgridd.documents")
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 EMBED_BATCH = 8  # chunks per call to the worker: a chat request waiting behind ingestion waits for one batch only
 _COLUMNS = "id, collection, filename, kind, size, sha256, pages, chunks, model, added"
+ROW_BYTES = 64  # a chunk's row and index entries beyond its text and vector
+DIMS_GUESS = 1024  # before the first embedding: more than most small embedding models give (Gemma 3 270M: 640)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +56,7 @@ class Limits:
     chunk_words: int = 120
     overlap_words: int = 30
     top_k: int = 5
+    max_db_bytes: int = 0  # offgridd.db's bound (history.max_db_bytes), which documents share with conversations
 
 
 def _document(row: tuple) -> Document:
@@ -81,12 +86,24 @@ def check_room(db: sqlite_utils.Database, collection: str, sha256: str, filename
                 "documents or raise documents.max_total_bytes (OFFGRID_DOCUMENTS_MAX_TOTAL_BYTES) if the card has room")
 
 
+def db_cost(chunks: list[Chunk], dims: int) -> int:
+    """About what a document's chunks take in offgridd.db: each text twice (the table and its FTS5 index), its
+    vector, and a row. A vector is often larger than its text (640 float32s are 2,560 bytes)."""
+    return sum(2 * len(c.text.encode("utf-8", "surrogatepass")) + 4 * dims + ROW_BYTES for c in chunks)
+
+
+def check_db_room(db: sqlite_utils.Database, filename: str, chunks: list[Chunk], dims: int, max_db_bytes: int) -> None:
+    db_check_room(db, max_db_bytes, db_cost(chunks, dims),
+                  f"{filename!r} does not fit: delete documents or old conversations", DocumentsFull)
+
+
 def write_document(db: sqlite_utils.Database, cache: VectorCache, *, collection: str, filename: str, kind: str,
                    size: int, sha256: str, pages: int, model: str, chunks: list[Chunk],
-                   vectors: list[list[float]], max_total_bytes: int) -> Document:
+                   vectors: list[list[float]], max_total_bytes: int, max_db_bytes: int = 0) -> Document:
     """The document, its chunks, their vectors and index entries, in one transaction."""
     check_room(db, collection, sha256, filename, size, max_total_bytes)
     packed = [pack(v) for v in vectors]
+    check_db_room(db, filename, chunks, packed[0][0] if packed else 0, max_db_bytes)
     row = {"collection": collection, "filename": filename, "kind": kind, "size": size, "sha256": sha256,
            "pages": pages, "chunks": len(chunks), "model": model, "added": time.time()}
     with db.atomic():
@@ -136,6 +153,7 @@ class DocumentStore:
         self._cache = VectorCache()  # only touched on the database thread
         self._tables = Tables(db, ensure_schema)
         self._one_at_a_time = asyncio.Lock()  # ingestion is heavy: documents go in one after another
+        self._dims = 0  # the embedding model's, once known
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         return await self._tables.run(fn, *args, **kwargs)
@@ -170,11 +188,14 @@ class DocumentStore:
             extracted, chunks = await loop.run_in_executor(None, read_upload, filename, data, self.limits)
             if not chunks:
                 raise InvalidDocument(f"{filename!r} holds no text to search")
+            # before embedding (about a second a page): a document the card has no room for is refused at once
+            await self._run(check_db_room, filename, chunks, self._dims or DIMS_GUESS, self.limits.max_db_bytes)
             vectors = await self._vectors([c.text for c in chunks])
+            self._dims = len(vectors[0]) if vectors else self._dims
             document = await self._run(
                 write_document, self._cache, collection=collection, filename=filename, kind=extracted.kind,
                 size=len(data), sha256=sha256, pages=len(extracted.pages), model=self.model, chunks=chunks,
-                vectors=vectors, max_total_bytes=self.limits.max_total_bytes)
+                vectors=vectors, max_total_bytes=self.limits.max_total_bytes, max_db_bytes=self.limits.max_db_bytes)
         log.info("document %d %r into %r: %d pages, %d chunks in %.2f s", document.id, filename, collection,
                  document.pages, document.chunks, time.monotonic() - started)
         return document

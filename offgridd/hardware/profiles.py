@@ -21,8 +21,11 @@ SETTINGS_KEYS = {
     ("gpio", "led"): "hardware.led_pin", ("gpio", "button"): "hardware.button_pin",
     ("voice", "enabled"): "voice.enabled", ("voice", "stt_model"): "voice.stt_model",
     ("voice", "tts_model"): "voice.tts_model", ("voice", "beside_decoding"): "voice.beside_decoding",
+    ("storage", "max_db_bytes"): "history.max_db_bytes",
+    ("storage", "max_upload_bytes"): "documents.max_upload_bytes",
+    ("storage", "max_documents_bytes"): "documents.max_total_bytes",
 }
-TABLES = ("run", "thermal", "gpio", "voice")
+TABLES = ("run", "thermal", "gpio", "voice", "storage")
 MATCH_KEYS = ("device_tree_model", "nv_tegra_release", "mem_mb", "arch", "cpu_flags")
 
 
@@ -36,7 +39,7 @@ class Profile:
     name: str
     generic: bool
     match: dict
-    values: dict  # the profile's [run]/[thermal]/[gpio]/[voice] tables
+    values: dict  # the profile's [run]/[thermal]/[gpio]/[voice]/[storage] tables
     path: Path
 
     def settings_layer(self) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import sqlite_utils
 
+from ..db import check_room as db_check_room
 from .records import HistoryFull
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum value
@@ -68,14 +69,9 @@ def database_size(db: sqlite_utils.Database) -> DatabaseSize:
 
 
 def check_room(db: sqlite_utils.Database, max_bytes: int, adding: int) -> None:
-    """Raise HistoryFull when writing `adding` more bytes would take the database past `max_bytes` (0: none)."""
-    if max_bytes <= 0:
-        return
-    used = (_pragma(db, "page_count") - _pragma(db, "freelist_count")) * _pragma(db, "page_size")
+    """Raise HistoryFull when writing `adding` more bytes of text would take the database past `max_bytes` (0: none)."""
     # the FTS index roughly doubles what a message costs: count it so the bound holds on the card, not just in the table
-    if used + 2 * adding > max_bytes:
-        raise HistoryFull(f"offgridd.db holds {used >> 20} MiB of its {max_bytes >> 20} MiB bound: delete or export "
-                          "old conversations, or raise db_max_bytes (OFFGRID_DB_MAX_BYTES) if the card has room")
+    db_check_room(db, max_bytes, 2 * adding, "delete or export old conversations", HistoryFull)
 
 
 def vacuum(db: sqlite_utils.Database, *, full: bool = False) -> VacuumResult:
