@@ -290,7 +290,7 @@ async def _add(add: AddDocument, doc: StickDocument, data: bytes, busy_until: fl
         try:
             return await add(doc.collection, doc.filename, data)
         except Overloaded as e:
-            wait = min(max(e.retry_after or 1.0, 1.0), 10.0)
+            wait = min(max(e.retry_after or 1.0, 0.5), 2.0)  # a refusal costs nothing: look again soon
             if (cancel is not None and cancel.is_set()) or time.monotonic() + wait > busy_until:
                 raise
             log.info("usb: the box is busy (%s); %s waits %.0f s", e, doc.file, wait)

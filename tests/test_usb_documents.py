@@ -1,0 +1,198 @@
+"""Documents on USB sticks: a stick's documents/ folder is imported into the box's collections by the running daemon,
+its own model embedding them, one job per file; bad files are refused one by one, and a stick plugged again adds
+nothing twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from conftest import free_port, http, private_state, running_daemon, wait_for
+from gguf_factory import gguf_bytes
+from usb_images import entry, ext4_stick, fat_stick, put, write_manifest
+
+TINY = gguf_bytes(arch="llama", tensors=2, elements=4096)
+MAX_BYTES = 20_000  # the module's daemon takes documents of at most this many bytes
+PUMP = ("# The hand pump\n\nTo prime the hand pump, pour one cup of clean water into the top and work the handle "
+        "twenty times. The seal is replaced every two years.\n")
+SPRING = ("Field notes, week 32. The spring below the north ridge dries up in late August; carry two extra litres "
+          "of water on that walk.\n")
+RADIO = ["The hand-crank radio receives AM, FM and the weather band. Keep it dry.",
+         "To charge the battery of the hand-crank radio, turn the crank for three minutes: that gives about twenty "
+         "minutes of listening."]
+
+
+def pdf_of(pages: list[str]) -> bytes:
+    """A PDF with one page per text, as a word processor would write it."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 6, text)
+    return bytes(pdf.output())
+
+
+@pytest.fixture(scope="module")
+def box(model_state, tmp_path_factory):
+    """One daemon for the module, watching its own stick roots."""
+    where = tmp_path_factory.mktemp("usb-documents")
+    roots = where / "usb-root"
+    roots.mkdir()
+    with running_daemon(private_state(model_state, where / "state"), where / "daemon.log",
+                        env={"OFFGRID_USB_ROOTS": str(roots), "OFFGRID_USB_POLL_SECONDS": "0.3",
+                             "OFFGRID_DOCUMENTS_MAX_UPLOAD_BYTES": str(MAX_BYTES)}) as daemon:
+        daemon.roots = roots
+        yield daemon
+
+
+def get(daemon, path: str):
+    status, _, body = http("GET", f"{daemon.url}{path}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def imported(daemon, mount: Path) -> dict:
+    """The watch's summary once it has finished with the stick at `mount`."""
+    def finished():
+        usb = get(daemon, "/api/v1/usb")
+        return usb["importing"] is None and (usb["last"] or {}).get("root") == str(mount) and usb["last"]
+    return wait_for(finished, timeout=180, what=f"the import from {mount}")
+
+
+def jobs_from(daemon, mount: Path) -> list[dict]:
+    """The jobs of the stick at `mount`, in the order they started."""
+    jobs = [j for j in get(daemon, "/api/v1/jobs")["jobs"] if j["source"].startswith(f"usb:{mount}")]
+    return sorted(jobs, key=lambda j: j["started"])
+
+
+def search(daemon, collection: str, q: str) -> list[dict]:
+    query = urllib.parse.urlencode({"collection": collection, "q": q})
+    return get(daemon, f"/api/v1/documents/search?{query}")["passages"]
+
+
+def test_a_stick_s_documents_go_into_their_collections_after_its_models_and_bad_files_are_refused_one_by_one(
+        box, tmp_path):
+    src = tmp_path / "src"
+    put(src, "OFFGRID/models/tiny.gguf", TINY)
+    write_manifest(src, [entry("tiny", "OFFGRID/models/tiny.gguf", TINY)])
+    put(src, "documents/manual.md", PUMP.encode())
+    put(src, "documents/field-notes/notes.txt", SPRING.encode())
+    put(src, "documents/field-notes/radio.pdf", pdf_of(RADIO))
+    put(src, "documents/huge.txt", b"word " * (MAX_BYTES // 5 + 1))
+    put(src, "documents/photo.png", b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    put(src, "documents/fake.pdf", os.urandom(512))  # named as a PDF, a binary inside
+    put(src, "documents/.DS_Store", b"\x00\x00\x00\x01Bud1")  # what a Mac leaves: ignored, no job
+    put(src, "documents/._manual.md", b"\x00\x05\x16\x07")
+    os.symlink("/etc/passwd", src / "documents" / "passwd.txt")
+    put(src, "documents/field-notes/old/2019.txt", b"a folder two levels down")
+    put(src, "documents/bad:name/x.txt", b"a folder whose name is no collection's")
+    with ext4_stick(src, box.roots / "sdx1") as mount:
+        last = imported(box, mount)
+        jobs = jobs_from(box, mount)
+    assert last["imported"] == ["tiny"] and last["refused"] == ""
+    assert sorted(last["documents"]) == ["default/manual.md", "field-notes/notes.txt", "field-notes/radio.pdf"]
+    assert jobs[0]["kind"] == "usb-import" and jobs[0]["model"] == "tiny" and jobs[0]["state"] == "done"
+    documents = {j["source"].removeprefix(f"usb:{mount}/"): j for j in jobs[1:]}
+    assert all(j["kind"] == "usb-document" for j in documents.values())
+    assert sorted(documents) == sorted([
+        "documents/manual.md", "documents/field-notes/notes.txt", "documents/field-notes/radio.pdf",
+        "documents/huge.txt", "documents/photo.png", "documents/fake.pdf", "documents/passwd.txt",
+        "documents/field-notes/old", "documents/bad:name"])  # nothing for the .DS_Store or the ._ file
+    for file in ("manual.md", "field-notes/notes.txt", "field-notes/radio.pdf"):
+        job = documents[f"documents/{file}"]
+        assert (job["state"], job["model"]) == ("done", file.rsplit("/", 1)[-1]), job
+        assert job["bytes_done"] == job["bytes_total"] == (src / "documents" / file).stat().st_size
+    assert "as document" in documents["documents/field-notes/radio.pdf"]["reason"]
+    assert "pdf, 2 page(s)" in documents["documents/field-notes/radio.pdf"]["reason"]
+    refused = {file: j["reason"] for file, j in documents.items() if j["state"] != "done"}
+    assert all(j["state"] == "failed" for j in documents.values() if j["state"] != "done")
+    assert "max_upload_bytes" in refused["documents/huge.txt"] and "not read" in refused["documents/huge.txt"]
+    assert "not '.png' files" in refused["documents/photo.png"]
+    assert "is named as a PDF but is not one" in refused["documents/fake.pdf"]
+    assert "symlink" in refused["documents/passwd.txt"] and "not followed" in refused["documents/passwd.txt"]
+    assert "one level deep" in refused["documents/field-notes/old"]
+    assert "collection's name is 1 to 64" in refused["documents/bad:name"]
+
+    listed = get(box, "/api/v1/documents")
+    assert {(d["collection"], d["filename"]) for d in listed["documents"]} == {
+        ("default", "manual.md"), ("field-notes", "notes.txt"), ("field-notes", "radio.pdf")}
+    assert search(box, "default", "how do I prime the hand pump")[0]["filename"] == "manual.md"
+    top = search(box, "field-notes", "how long to turn the crank to charge the radio battery")[0]
+    assert (top["filename"], top["page"]) == ("radio.pdf", 2)
+    assert "north ridge" in search(box, "field-notes", "where does the spring dry up")[0]["text"]
+
+    # plugged in again (a new mount of the same stick): everything is there already, nothing is added twice
+    with ext4_stick(src, box.roots / "sdx1") as mount:
+        again = imported(box, mount)
+        skipped = {j["source"].removeprefix(f"usb:{mount}/"): j for j in jobs_from(box, mount)
+                   if j["state"] == "skipped"}
+        # a person's import request answers with every result, models and documents, each with its job
+        status, _, body = http("POST", f"{box.url}/api/v1/usb/import", {"path": str(mount)}, timeout=300)
+    assert again["documents"] == [] and again["imported"] == []
+    assert {"documents/manual.md", "documents/field-notes/notes.txt",
+            "documents/field-notes/radio.pdf"} <= set(skipped)
+    assert "already in collection 'field-notes'" in skipped["documents/field-notes/notes.txt"]["reason"]
+    assert len(get(box, "/api/v1/documents")["documents"]) == 3
+    report = json.loads(body)
+    assert status == 200 and report["ok"] is False  # the refused files are still refused
+    results = {(r["kind"], r["file"]): r for r in report["results"]}
+    assert results[("model", "OFFGRID/models/tiny.gguf")]["state"] == "skipped"
+    manual = results[("document", "documents/manual.md")]
+    assert (manual["state"], manual["name"], manual["collection"]) == ("skipped", "manual.md", "default")
+    assert manual["job"] and "already in collection 'default'" in manual["reason"]
+    assert results[("document", "documents/photo.png")]["state"] == "failed"
+
+
+def test_a_stick_with_only_documents_plugged_in_while_the_box_starts_is_imported_once_the_model_is_ready(
+        model_state, tmp_path):
+    src = tmp_path / "src"
+    put(src, "documents/water.html", b"<!doctype html><html><head><title>Water</title><script>x()</script></head>"
+                                     b"<body><h1>Water</h1><p>Boil water for one full minute before drinking it."
+                                     b"</p></body></html>")
+    roots = tmp_path / "usb-root"
+    with fat_stick(src, roots / "sdw1") as mount:  # FAT, through fusefat, as most sticks are
+        with running_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
+                            env={"OFFGRID_USB_ROOTS": str(roots), "OFFGRID_USB_POLL_SECONDS": "0.3"}) as daemon:
+            last = imported(daemon, mount)
+            [job] = jobs_from(daemon, mount)
+            passages = search(daemon, "default", "how long should I boil water")
+    assert last["refused"] == "" and last["ok"] is True and last["documents"] == ["default/water.html"]
+    assert (job["kind"], job["model"], job["state"]) == ("usb-document", "water.html", "done")
+    assert job["source"] == f"usb:{mount}/documents/water.html"
+    assert passages and passages[0]["filename"] == "water.html" and "x()" not in passages[0]["text"]
+
+
+def test_usb_import_without_a_daemon_imports_the_models_and_says_the_documents_need_it(tmp_path):
+    src = tmp_path / "src"
+    put(src, "documents/manual.md", PUMP.encode())
+    put(src, "documents/photo.png", b"\x89PNG\r\n\x1a\n")
+    env = {**os.environ, "OFFGRID_CONFIG": "/dev/null", "OFFGRID_PORT": str(free_port())}  # no daemon answers
+    with ext4_stick(src, tmp_path / "img") as mount:
+        done = subprocess.run([sys.executable, "-m", "offgridd", "usb", "import", str(mount), "--json", "--local",
+                               "--state", str(tmp_path / "box")], capture_output=True, text=True, env=env,
+                              timeout=120)
+    report = json.loads(done.stdout)
+    assert report["refused"] == "", "a stick with only documents is not 'no models'"
+    assert [(r["kind"], r["file"], r["state"]) for r in report["results"]] == [
+        ("document", "documents/photo.png", "failed"), ("document", "documents", "skipped")]
+    assert "running daemon" in report["results"][1]["reason"] and "1 document(s)" in report["results"][1]["reason"]
+    assert done.returncode == 1  # the refused photo
+
+
+def test_a_stick_without_models_or_documents_is_still_refused_and_says_where_documents_go(tmp_path):
+    src = tmp_path / "src"
+    put(src, "Documents/manual.md", PUMP.encode())
+    env = {**os.environ, "OFFGRID_CONFIG": "/dev/null", "OFFGRID_PORT": str(free_port())}
+    with ext4_stick(src, tmp_path / "img") as mount:
+        done = subprocess.run([sys.executable, "-m", "offgridd", "usb", "import", str(mount), "--local",
+                               "--state", str(tmp_path / "box")], capture_output=True, text=True, env=env,
+                              timeout=120)
+    assert done.returncode == 1 and "no models on" in done.stderr
+    assert "'Documents' is not read: documents go in documents/, in lower case" in done.stderr
