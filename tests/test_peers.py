@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from offgridd.peers.exchange import sign_request
 from offgridd.peers.fleet import NodeIdentity, load_identity, save_identity
 from offgridd.peers.protocol import _mac, inventory_digest
-from offgridd.store import ModelStore
+from offgridd.store import ModelStore, bundle_chunks, file_chunks
 
 INTERVAL = "0.5"
 
@@ -199,6 +199,32 @@ def test_a_model_imported_on_one_box_appears_on_the_other(model_state, tmp_path)
         assert ok and actual == ModelStore(a.state / "models").get("field-guide").sha256
         assert not list((b.state / "models" / ".partial").iterdir())
         assert b.metric("offgridd_peer_pull_bytes_total", source="network") == model.stat().st_size
+    finally:
+        stop_all(a, b)
+
+
+def test_a_box_with_voice_off_pulls_a_peers_language_models_but_not_its_speech_models(model_state, tmp_path):
+    key = secrets.token_bytes(32)
+    state_a = fleet_state(model_state, tmp_path, "box-a", key)
+    files = {}
+    for name in ("voice.onnx", "voice.onnx.json"):  # a speech bundle as the store keeps one; never loaded here
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode() * 4000)
+    store_a = ModelStore(state_a / "models")
+    store_a.open()
+    store_a.import_chunks(bundle_chunks({"kind": "tts", "engine": "piper", "architecture": "vits",
+                                         "quantization": "fp32", "language": "en"}, files),
+                          name="tiny-voice", kind="tts", source="test")
+    store_a.import_chunks(file_chunks(big_model(tmp_path / "field-guide.gguf", 2)), name="field-guide", source="test")
+    pa, pb = udp_port(), udp_port()
+    a = start_peer(state_a, pa, [pb], OFFGRID_PEERS_SYNC="off")
+    b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa], OFFGRID_VOICE_ENABLED="false")
+    try:
+        wait_for(lambda: any(j["model"] == "field-guide" and j["state"] == "done" for j in jobs(b)),
+                 what="the language model's pull")
+        time.sleep(3)  # more than a round of the puller: it has seen the speech model and left it
+        assert "tiny-voice" not in model_names(b) and not [j for j in jobs(b) if j["model"] == "tiny-voice"]
+        assert "not pulling the speech model tiny-voice from box-a: voice is off" in b.log.read_text()
     finally:
         stop_all(a, b)
 

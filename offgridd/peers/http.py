@@ -90,7 +90,7 @@ async def inventory(request: web.Request) -> web.Response:
     return web.json_response({
         "node": service.identity.node_id, "name": service.identity.name,
         "inventory": inventory_digest((m.name, m.sha256) for m in manifests),
-        "models": [{"name": m.name, "sha256": m.sha256, "size": m.size, "architecture": m.architecture,
+        "models": [{"name": m.name, "kind": m.kind, "sha256": m.sha256, "size": m.size, "architecture": m.architecture,
                     "quantization": m.quantization, "context_length": m.context_length, "license": m.license}
                    for m in manifests],
         "load": load, "queue": queue,

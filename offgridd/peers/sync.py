@@ -97,6 +97,8 @@ class ModelPuller:
         self.store, self.jobs, self.bus, self.metrics = store, jobs, bus, metrics
         self.settings = settings.peers
         self.max_model_bytes = settings.max_model_bytes
+        # speech models are pulled only where voice is on: on a Pi Zero they are 140 MB of a small card for nothing
+        self.kinds = {"llm", "stt", "tts"} if settings.voice.enabled else {"llm"}
         self.peers = peers  # live peers, least busy first
         self.changed = changed  # this node's inventory changed: announce it
         self.call = call
@@ -118,15 +120,18 @@ class ModelPuller:
         await loop.run_in_executor(None, lambda: self.partials.mkdir(parents=True, exist_ok=True))
         swept = -SWEEP_EVERY_S
         while True:
-            if loop.time() - swept >= SWEEP_EVERY_S:
-                await self._sweep()
-                swept = loop.time()
+            try:
+                if loop.time() - swept >= SWEEP_EVERY_S:
+                    swept = loop.time()
+                    await self._sweep()
+                while (choice := self._next(await loop.run_in_executor(None, self.store.list))) is not None:
+                    await self._pull(*choice)
+            except Exception:  # a fault here (the store's disk, a bug) costs this round of pulling, never the loop
+                log.exception("pulling from peers failed; trying again in %d s", RECHECK_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECHECK_S):
                     await self._wake.wait()
             self._wake.clear()
-            while (choice := self._next(await loop.run_in_executor(None, self.store.list))) is not None:
-                await self._pull(*choice)
 
     async def _sweep(self, keep: bool = True) -> None:
         def sweep() -> list[str]:
@@ -145,6 +150,11 @@ class ModelPuller:
         for peer in self.peers():
             for name, model in sorted(peer.models.items()):
                 if name in names or self._retry_at.get((peer.node, model["sha256"]), 0) > now:
+                    continue
+                if model.get("kind", "llm") not in self.kinds:
+                    if name not in self._told:
+                        self._told.add(name)
+                        log.info("not pulling the speech model %s from %s: voice is off on this box", name, peer.name)
                     continue
                 if limit and model["size"] > limit:
                     if name not in self._told:
