@@ -95,16 +95,16 @@ class ModelPool:
                                                       on_abandoned=self._abandoned, on_failed=self.mark_bad,
                                                       on_safe_path=self._on_safe_path)
         self.metrics.add_model(name)
+        # read at each scrape: 0 while the worker loads, restarts after a crash, has failed or is unloaded
+        self.metrics.model_loaded.labels(name).set_function(lambda: float(worker.state == "ready"))
         await self._evict_idle(keep=name)
         await worker.start()
-        self.metrics.model_loaded.labels(name).set(1)
         return worker
 
     def mark_bad(self, name: str, reason: str) -> None:
         if name not in self.bad:
             log.error("model %s marked bad: %s", name, reason)
             self.bad[name] = reason
-            self.metrics.model_loaded.labels(name).set(0)
 
     def _on_safe_path(self, name: str, reason: str) -> None:
         self.safe_path[name] = reason  # later loads of this model start on the safe path
@@ -138,7 +138,6 @@ class ModelPool:
         if worker is not None:
             log.info("unloading model %s", name)
             await worker.stop()
-            self.metrics.model_loaded.labels(name).set(0)
 
     def set_memory_source(self, available: Callable[[], int]) -> None:
         """Where load decisions read free memory (the hardware watch's latest sample, where there is one)."""
