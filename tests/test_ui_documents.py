@@ -161,7 +161,8 @@ def test_a_chat_answered_from_a_collection_sends_it_and_shows_its_sources_by_fil
     n = next(i for i, p in enumerate(passages, start=1) if p["page"] == 2)
     excerpt = visit.page.locator(f'.msg.assistant [data-source="{n}"] .excerpt')
     assert not excerpt.is_visible()
-    visit.page.click(f'.msg.assistant [data-source="{n}"] summary')
+    visit.page.focus(f'.msg.assistant [data-source="{n}"] summary')  # by keyboard: a source opens with Enter
+    visit.page.keyboard.press("Enter")
     assert excerpt.is_visible() and "turn the crank for three minutes" in excerpt.inner_text()
     assert overflowing(visit, PHONE["width"]) == []
     visit.page.screenshot(path=tmp_path / "sources-phone.png")

@@ -480,7 +480,7 @@ const docs = {
   collections: [], // [{name, documents, bytes, chunks}]
   documents: [],
   chosen: saved.get("collection", ""), // the collection chats are answered from; "" for none
-  queue: Promise.resolve(), // uploads go one after another: the box embeds one at a time anyway
+  queue: Promise.resolve(), // uploads go one after another: each keeps the model busy embedding its pages
 };
 
 async function loadDocuments() {
