@@ -60,7 +60,14 @@ def test_worker_killed_during_a_whole_request_answers_503_in_openai_shape(own_da
     assert "Retry-After" in headers
     error = json.loads(body)["error"]
     assert error["type"] == "server_error" and "worker" in error["message"]
-    wait_for(lambda: own_daemon.health()[1]["model"]["state"] == "ready", what="worker restart")
+    # while the worker restarts, the gauge a dashboard watches says the model is not loaded
+    seen = []
+    while (state := own_daemon.health()[1]["model"]["state"]) != "ready":
+        loaded = own_daemon.metric("offgridd_model_loaded", model="gemma3-270m")
+        if own_daemon.health()[1]["model"]["state"] == state:
+            seen.append((state, loaded))
+    assert seen and all(loaded == 0 for _, loaded in seen), seen
+    assert own_daemon.metric("offgridd_model_loaded", model="gemma3-270m") == 1
     status, _, body = call("POST", f"{own_daemon.url}/v1/completions", {"prompt": "Hello", "max_tokens": 4})
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] > 0
 
