@@ -16,6 +16,9 @@ from conftest import free_port, http, private_state, running_daemon, wait_for
 from gguf_factory import gguf_bytes
 from usb_images import entry, ext4_stick, fat_stick, put, write_manifest
 
+from offgridd.usb.documents import read_documents
+from offgridd.usb.writer import StickWriteError, write_documents
+
 TINY = gguf_bytes(arch="llama", tensors=2, elements=4096)
 MAX_BYTES = 20_000  # the module's daemon takes documents of at most this many bytes
 PUMP = ("# The hand pump\n\nTo prime the hand pump, pour one cup of clean water into the top and work the handle "
@@ -128,8 +131,9 @@ def test_a_stick_s_documents_go_into_their_collections_after_its_models_and_bad_
     assert (top["filename"], top["page"]) == ("radio.pdf", 2)
     assert "north ridge" in search(box, "field-notes", "where does the spring dry up")[0]["text"]
 
-    # plugged in again (a new mount of the same stick): everything is there already, nothing is added twice
-    with ext4_stick(src, box.roots / "sdx1") as mount:
+    # plugged in again (into another port: the watch's summary of the first one cannot be mistaken for this one's):
+    # everything is there already, nothing is added twice
+    with ext4_stick(src, box.roots / "sdy1") as mount:
         again = imported(box, mount)
         skipped = {j["source"].removeprefix(f"usb:{mount}/"): j for j in jobs_from(box, mount)
                    if j["state"] == "skipped"}
@@ -196,3 +200,24 @@ def test_a_stick_without_models_or_documents_is_still_refused_and_says_where_doc
                               timeout=120)
     assert done.returncode == 1 and "no models on" in done.stderr
     assert "'Documents' is not read: documents go in documents/, in lower case" in done.stderr
+
+
+def test_documents_written_onto_a_stick_on_a_pc_are_listed_in_their_collection(tmp_path):
+    pc = tmp_path / "pc"
+    put(pc, "manual.md", PUMP.encode())
+    put(pc, "notes.txt", SPRING.encode())
+    put(pc, "photo.png", b"\x89PNG\r\n\x1a\n")
+    with ext4_stick(tmp_path / "empty", tmp_path / "img", writable=True) as mount:
+        with pytest.raises(StickWriteError, match="not '.png' files"):
+            write_documents(mount, [pc / "manual.md", pc / "photo.png"], "kit")
+        with pytest.raises(StickWriteError, match="collection's name"):
+            write_documents(mount, [pc / "manual.md"], "../kit")
+        assert not (mount / "documents").exists()  # refused before anything was written
+        assert write_documents(mount, [pc / "manual.md", pc / "notes.txt"], "kit") == [
+            "documents/kit/manual.md", "documents/kit/notes.txt"]
+        assert write_documents(mount, [pc / "notes.txt"]) == ["documents/notes.txt"]
+        listing = read_documents(mount)
+        assert not list(mount.rglob("*.partial"))
+    assert listing.refused == []
+    assert [(d.collection, d.file) for d in listing.documents] == [
+        ("kit", "documents/kit/manual.md"), ("kit", "documents/kit/notes.txt"), ("default", "documents/notes.txt")]

@@ -1,4 +1,5 @@
-"""Write the stick format: `offgridd usb prepare` (from a PC) and `offgridd models export` (from the box)."""
+"""Write the stick format: `offgridd usb prepare` (from a PC) and `offgridd models export` (from the box); documents
+into its documents/ folder (`write_documents`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..documents.extract import SUFFIXES
+from ..documents.records import InvalidDocument, check_collection
 from ..store import (
     BundleError,
     GgufError,
@@ -21,6 +24,7 @@ from ..store import (
     valid_name,
     write_hashing,
 )
+from .documents import DEFAULT_COLLECTION, FOLDER, MAX_DOCUMENTS, READABLE
 from .stick import FORMAT_VERSION, MANIFEST, MAX_MODELS, StickError, StickModel, parse_manifest
 
 MODELS_DIR = "OFFGRID/models"
@@ -135,3 +139,45 @@ def _write_manifest(target: Path, models: list[StickModel]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_documents(target: Path, files: list[Path], collection: str | None = None,
+                    on_progress: Callable[[str, int], None] | None = None) -> list[str]:
+    """Copy documents onto a mounted stick: into documents/ for the collection "default", documents/<collection>/ for
+    another; returns the paths written, relative to the stick. Checked before anything is written: the collection's
+    name, each file a document this box reads, the names distinct, and the room."""
+    target = Path(target)
+    if not target.is_dir():
+        raise StickWriteError(f"{target} is not a directory: mount the stick and give its mount point")
+    if not files:
+        raise StickWriteError("no documents given")
+    try:
+        collection = check_collection(collection)
+    except InvalidDocument as e:
+        raise StickWriteError(str(e)) from None
+    names = [f.name for f in files]
+    if dup := {n for n in names if names.count(n) > 1}:
+        raise StickWriteError(f"the file name(s) {sorted(dup)} are given twice; a collection holds each name once")
+    if len(files) > MAX_DOCUMENTS:
+        raise StickWriteError(f"a stick carries at most {MAX_DOCUMENTS} documents")
+    sizes = []
+    for f in files:
+        suffix = "." + f.name.rsplit(".", 1)[-1].lower() if "." in f.name else ""
+        if suffix and suffix not in SUFFIXES:
+            raise StickWriteError(f"{f}: a box reads documents named {READABLE}, not {suffix!r} files")
+        if f.name.startswith(".") or not f.is_file():
+            raise StickWriteError(f"{f} is not a document file (a regular file whose name does not start with '.')")
+        sizes.append(f.stat().st_size)
+    need, free = sum(sizes) + SLACK_BYTES, shutil.disk_usage(target).free
+    if need > free:
+        raise StickWriteError(f"not enough space on {target}: the documents need {need} bytes, {free} are free; "
+                              f"nothing was written")
+    folder = FOLDER if collection == DEFAULT_COLLECTION else f"{FOLDER}/{collection}"
+    (target / folder).mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        _copy_hashing(f, target / folder / f.name,
+                      (lambda done, n=f.name: on_progress(n, done)) if on_progress else None)
+        written.append(f"{folder}/{f.name}")
+    _fsync_dir(target / folder)
+    return written
