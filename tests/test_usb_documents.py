@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
 
 import pytest
 from conftest import free_port, http, private_state, running_daemon, wait_for
 from gguf_factory import gguf_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from usb_images import entry, ext4_stick, fat_stick, put, write_manifest
 
-from offgridd.usb.documents import read_documents
+from offgridd.documents.extract import SUFFIXES
+from offgridd.documents.records import check_collection
+from offgridd.usb.documents import _junk, read_document, read_documents
 from offgridd.usb.writer import StickWriteError, write_documents
 
 TINY = gguf_bytes(arch="llama", tensors=2, elements=4096)
@@ -221,3 +227,54 @@ def test_documents_written_onto_a_stick_on_a_pc_are_listed_in_their_collection(t
     assert listing.refused == []
     assert [(d.collection, d.file) for d in listing.documents] == [
         ("kit", "documents/kit/manual.md"), ("kit", "documents/kit/notes.txt"), ("default", "documents/notes.txt")]
+
+
+NAMES = st.one_of(
+    st.sampled_from(["manual.md", "notes.txt", "a.pdf", "photo.PNG", ".DS_Store", "._manual.md", "Thumbs.db", "README",
+                     "bad:name", "field notes", "notes.txt~", "default", "..x", "a.b.HTML", "bad\udcff.txt", "x."]),
+    st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=16)
+    .filter(lambda n: n not in (".", "..")))
+TREES = st.recursive(
+    st.one_of(st.binary(max_size=64).map(lambda b: ("file", b)), st.just(("fifo",)),
+              st.sampled_from(["/etc/passwd", "/", "..", "manual.md", "../OFFGRID"]).map(lambda t: ("link", t))),
+    lambda inner: st.dictionaries(NAMES, inner, max_size=5).map(lambda d: ("dir", d)), max_leaves=12)
+
+
+def build(path: Path, node) -> None:
+    if node[0] == "file":
+        path.write_bytes(node[1])
+    elif node[0] == "fifo":
+        os.mkfifo(path)
+    elif node[0] == "link":
+        os.symlink(node[1], path)
+    else:
+        path.mkdir()
+        for name, child in node[1].items():
+            build(path / name, child)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TREES)
+def test_whatever_a_stick_s_documents_folder_holds_only_plain_files_in_one_level_of_collections_are_listed(tree):
+    with tempfile.TemporaryDirectory() as where:
+        root = Path(where)
+        (root / "OFFGRID").mkdir()
+        build(root / "documents", tree)
+        listing = read_documents(root)
+        for doc in listing.documents:
+            parts = doc.file.split("/")
+            assert parts[0] == "documents" and len(parts) in (2, 3) and not _junk(parts[-1])
+            for i in range(1, len(parts) + 1):  # no symlink anywhere on the way, and a plain file at the end
+                mode = os.lstat(root.joinpath(*parts[:i])).st_mode
+                assert stat.S_ISREG(mode) if i == len(parts) else stat.S_ISDIR(mode)
+            assert doc.collection == (parts[1] if len(parts) == 3 else "default") == check_collection(doc.collection)
+            suffix = "." + doc.filename.rsplit(".", 1)[-1].lower() if "." in doc.filename else ""
+            assert not suffix or suffix in SUFFIXES
+            assert read_document(root, doc.file, 1 << 20) == root.joinpath(*parts).read_bytes()
+        assert all(r.file.startswith("documents") and r.reason for r in listing.refused)
+        json.dumps([r.reason for r in listing.refused]).encode()  # a job record and an event can carry each reason
+        if tree[0] == "dir":  # every plain document file directly in documents/ is listed or refused, never lost
+            seen = {d.file for d in listing.documents} | {r.file for r in listing.refused}
+            for name, node in tree[1].items():
+                if node[0] == "file" and not _junk(name) and "\udcff" not in name:
+                    assert f"documents/{name}" in seen
