@@ -130,6 +130,7 @@ def test_markdown_and_a_pdf_uploaded_from_the_page_are_listed_with_their_pages_a
         assert visit.page.inner_text(f'[data-upload="{name}"] .state') == "refused: " + refusal["error"]["message"]
     assert "not '.exe' files" in visit.page.inner_text('[data-upload="tool.exe"] .state')
     assert sorted(d["filename"] for d in listed(box.url)) == ["radio.pdf", "water.md"]
+    visit.page.screenshot(path=tmp_path / "documents-desktop.png")
     assert visit.page.locator("[data-document]").count() == 2
     failed = [m for m in visit.console if "Failed to load resource" in m]
     assert failed and all("400" in m or "415" in m for m in failed), failed

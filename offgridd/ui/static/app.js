@@ -237,6 +237,7 @@ function handleEvent(kind, data) {
   else if (kind === "job") upsertJob(data);
   else if (kind === "models") loadModels();
   else if (kind === "peers") onPeersEvent(data);
+  else if (kind === "documents") loadDocuments(); // not sent yet: where a box announces changes, every page follows
   else if (kind === "usb") renderUsb(data);
   else if (kind === "degraded" && lastStatus) renderStatus({ ...lastStatus, degraded: data.degraded });
 }
@@ -568,6 +569,8 @@ function queueUploads() {
     docs.queue = docs.queue.then(() => upload(file, collection, item, state));
   }
   input.value = "";
+  const finished = [...$("upload-list").querySelectorAll(".upload.added, .upload.refused")];
+  for (const old of finished.slice(0, -20)) old.remove(); // the latest twenty say enough
 }
 
 async function upload(file, collection, item, state) {
