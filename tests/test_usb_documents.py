@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import free_port, http, private_state, running_daemon, wait_for
+from conftest import free_port, http, private_state, running_daemon, start_daemon, wait_for
 from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -177,6 +178,37 @@ def test_a_stick_with_only_documents_plugged_in_while_the_box_starts_is_imported
     assert (job["kind"], job["model"], job["state"]) == ("usb-document", "water.html", "done")
     assert job["source"] == f"usb:{mount}/documents/water.html"
     assert passages and passages[0]["filename"] == "water.html" and "x()" not in passages[0]["text"]
+
+
+def test_a_daemon_stopped_while_a_stick_s_documents_import_ends_every_job_with_a_reason_and_keeps_whole_documents(
+        model_state, tmp_path):
+    src = tmp_path / "src"
+    for i in range(8):
+        put(src, f"documents/log-{i}.txt", (f"Logbook {i}: " + SPRING * 4).encode())
+    roots = tmp_path / "usb-root"
+    roots.mkdir()
+    daemon = start_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
+                          env={"OFFGRID_USB_ROOTS": str(roots), "OFFGRID_USB_POLL_SECONDS": "0.3",
+                               "OFFGRID_DRAIN_SECONDS": "1"})
+    try:
+        daemon.wait_ready()
+        with ext4_stick(src, roots / "sdv1") as mount:
+            wait_for(lambda: any(j["state"] == "done" for j in jobs_from(daemon, mount)), timeout=120,
+                     what="the first document")
+            assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+    assert daemon.blocked_loop_reports() == []
+    db = sqlite3.connect(daemon.state / "offgridd.db")
+    jobs = dict(db.execute("SELECT model, state || ': ' || reason FROM jobs WHERE kind = 'usb-document'"))
+    kept = {name for (name,) in db.execute("SELECT filename FROM documents")}
+    orphans = db.execute("SELECT count(*) FROM chunks WHERE document_id NOT IN (SELECT id FROM documents)").fetchone()
+    db.close()
+    assert sorted(jobs) == [f"log-{i}.txt" for i in range(8)], "every document has its job, ended"
+    done = {name for name, result in jobs.items() if result.startswith("done")}
+    assert done and kept == done and orphans == (0,)
+    stopped = [result for result in jobs.values() if not result.startswith("done")]
+    assert stopped and all(r.startswith("failed") and ("stopping" in r or "shutting down" in r) for r in stopped)
 
 
 def test_usb_import_without_a_daemon_imports_the_models_and_says_the_documents_need_it(tmp_path):
