@@ -183,7 +183,7 @@ def test_a_stick_with_only_documents_plugged_in_while_the_box_starts_is_imported
 def test_a_daemon_stopped_while_a_stick_s_documents_import_ends_every_job_with_a_reason_and_keeps_whole_documents(
         model_state, tmp_path):
     src = tmp_path / "src"
-    for i in range(8):
+    for i in range(40):  # enough that the daemon is still at it when it is told to stop, however fast it embeds
         put(src, f"documents/log-{i}.txt", (f"Logbook {i}: " + SPRING * 4).encode())
     roots = tmp_path / "usb-root"
     roots.mkdir()
@@ -204,7 +204,7 @@ def test_a_daemon_stopped_while_a_stick_s_documents_import_ends_every_job_with_a
     kept = {name for (name,) in db.execute("SELECT filename FROM documents")}
     orphans = db.execute("SELECT count(*) FROM chunks WHERE document_id NOT IN (SELECT id FROM documents)").fetchone()
     db.close()
-    assert sorted(jobs) == [f"log-{i}.txt" for i in range(8)], "every document has its job, ended"
+    assert set(jobs) == {f"log-{i}.txt" for i in range(40)}, "every document has its job, ended"
     done = {name for name, result in jobs.items() if result.startswith("done")}
     assert done and kept == done and orphans == (0,)
     stopped = [result for result in jobs.values() if not result.startswith("done")]
