@@ -41,9 +41,9 @@ MAX_CONNECTIONS = 512  # in all: well under the unit's LimitNOFILE, with room fo
 MAX_CONNECTIONS_PER_CLIENT = 64
 
 
-def documents(settings: Settings, db: Database, inference: Inference) -> DocumentStore:
+def documents(settings: Settings, db: Database, inference: Inference, bus: EventBus) -> DocumentStore:
     """Documents embedded by the configured embedding model (the default model unless one is named), through the
-    worker, under the same admission as chat."""
+    worker, under the same admission as chat; each document added or deleted is a `documents` event."""
     model = settings.documents.embedding_model or settings.model
     d = settings.documents
 
@@ -52,7 +52,8 @@ def documents(settings: Settings, db: Database, inference: Inference) -> Documen
 
     return DocumentStore(db, embed, model=model, limits=Limits(
         max_upload_bytes=d.max_upload_bytes, max_total_bytes=d.max_total_bytes, chunk_words=d.chunk_words,
-        overlap_words=d.overlap_words, top_k=d.top_k, max_db_bytes=settings.history.max_db_bytes))
+        overlap_words=d.overlap_words, top_k=d.top_k, max_db_bytes=settings.history.max_db_bytes),
+        changed=lambda what, document: bus.publish("documents", {what: document.to_dict()}))
 
 
 def build_runtime(settings: Settings, detection: Detection | None = None) -> Runtime:
@@ -74,7 +75,7 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
     if settings.history.enabled:
         rt.history = ConversationStore(db, max_bytes=settings.history.max_db_bytes)
     if settings.documents.enabled:  # before the USB watch, which takes documents off sticks into it
-        rt.documents = documents(settings, db, inference)
+        rt.documents = documents(settings, db, inference, bus)
     if settings.usb.enabled:
         rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool,
                             add_document=rt.documents.add if rt.documents else None,

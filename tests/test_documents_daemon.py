@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import http, private_state, running_daemon
+from conftest import EventLog, http, private_state, running_daemon, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import documents_bench as bench  # noqa: E402
@@ -31,6 +31,7 @@ def test_a_daemon_reads_embeds_and_finds_an_uploaded_pdf_and_forgets_it_when_del
     first_aid = next(d for d in guide["documents"] if d["file"] == "first-aid.md")
     with running_daemon(private_state(model_state, tmp_path / "state"), tmp_path / "daemon.log",
                         env={"OFFGRID_DOCUMENTS_MAX_UPLOAD_BYTES": "100000"}) as daemon:
+        events = EventLog(daemon.url)  # what every open page hears
         body, headers = multipart({"collection": "kit"}, "first-aid.pdf", bench.pdf_of(first_aid["pages"]))
         status, _, raw = http("POST", f"{daemon.url}/api/v1/documents", body, headers, timeout=300)
         assert status == 201, raw
@@ -71,5 +72,7 @@ def test_a_daemon_reads_embeds_and_finds_an_uploaded_pdf_and_forgets_it_when_del
                                            extra_body={"offgrid": {"collection": 7}})
         status, _, _ = http("DELETE", f"{daemon.url}/api/v1/documents/{document['id']}")
         assert status == 200
+        wait_for(lambda: len(events.of("documents")) == 2, what="the documents events")
+        assert events.of("documents") == [{"added": document}, {"deleted": document}]
         status, _, raw = http("GET", f"{daemon.url}/api/v1/documents/search?collection=kit&q=rehydration")
         assert status == 200 and json.loads(raw)["passages"] == []

@@ -145,9 +145,11 @@ def read_upload(filename: str, data: bytes, limits: Limits) -> tuple[Extracted, 
 class DocumentStore:
     """Collections of documents, searched by meaning and by words, through the daemon's one database thread."""
 
-    def __init__(self, db: Database, embed: Embed, *, model: str, limits: Limits | None = None):
+    def __init__(self, db: Database, embed: Embed, *, model: str, limits: Limits | None = None,
+                 changed: Callable[[str, Document], None] | None = None):
         self.db = db
         self.embed = embed
+        self.changed = changed or (lambda what, document: None)  # ("added" | "deleted", the document): tell others
         self.model = model  # the embedding model's name, kept with each document
         self.limits = limits or Limits()
         self._cache = VectorCache()  # only touched on the database thread
@@ -198,6 +200,7 @@ class DocumentStore:
                 vectors=vectors, max_total_bytes=self.limits.max_total_bytes, max_db_bytes=self.limits.max_db_bytes)
         log.info("document %d %r into %r: %d pages, %d chunks in %.2f s", document.id, filename, collection,
                  document.pages, document.chunks, time.monotonic() - started)
+        self.changed("added", document)
         return document
 
     async def get(self, document_id: int) -> Document:
@@ -211,7 +214,9 @@ class DocumentStore:
         return await self._run(list_collections)
 
     async def delete(self, document_id: int) -> Document:
-        return await self._run(delete_document, self._cache, document_id)
+        document = await self._run(delete_document, self._cache, document_id)
+        self.changed("deleted", document)
+        return document
 
     async def search(self, text: str, collection: str | None = None, *, top_k: int | None = None,
                      method: str = "hybrid") -> tuple[Passage, ...]:

@@ -237,7 +237,7 @@ function handleEvent(kind, data) {
   else if (kind === "job") upsertJob(data);
   else if (kind === "models") loadModels();
   else if (kind === "peers") onPeersEvent(data);
-  else if (kind === "documents") loadDocuments(); // not sent yet: where a box announces changes, every page follows
+  else if (kind === "documents") loadDocuments(); // added or deleted here, by another page or from a USB stick
   else if (kind === "usb") renderUsb(data);
   else if (kind === "degraded" && lastStatus) renderStatus({ ...lastStatus, degraded: data.degraded });
 }
