@@ -52,6 +52,24 @@ def test_a_stick_prepared_on_a_pc_imports_on_a_box(tmp_path):
     assert {m.name: m.sha256 for m in store.list()} == {"llama-tiny-q4_k_m": sha256(TINY), "other": sha256(OTHER)}
 
 
+def test_a_stick_prepared_with_documents_carries_them_in_their_collection_folder(tmp_path):
+    pc = tmp_path / "pc"
+    put(pc, "tiny.gguf", TINY)
+    put(pc, "pump manual.md", b"# Pump\nPrime the pump before starting it.")
+    put(pc, "notes.docx", b"PK\x03\x04")
+    nothing = offgridd("usb", "prepare", str(tmp_path))
+    assert nothing.returncode == 2 and "--documents" in nothing.stderr
+    with ext4_stick(tmp_path / "empty", tmp_path / "img", writable=True, size_kib=16384) as mnt:
+        refused = offgridd("usb", "prepare", str(mnt), "--documents", str(pc / "notes.docx"))
+        assert refused.returncode == 1 and "not '.docx' files" in refused.stderr and not (mnt / "documents").exists()
+        wrote = offgridd("usb", "prepare", str(mnt), str(pc / "tiny.gguf"), "--documents", str(pc / "pump manual.md"),
+                         "--collection", "manuals")
+        assert wrote.returncode == 0, wrote.stderr
+        assert "wrote documents/manuals/pump manual.md" in wrote.stdout and wrote.stdout.count("is ready") == 1
+        assert (mnt / "documents" / "manuals" / "pump manual.md").read_bytes().startswith(b"# Pump")
+        assert json.loads((mnt / "OFFGRID" / "manifest.json").read_text())["models"][0]["name"] == "tiny"
+
+
 def test_a_model_exported_from_one_box_imports_on_another_through_a_fat_stick(tmp_path):
     first = tmp_path / "first"
     store = ModelStore(first / "models")

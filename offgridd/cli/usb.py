@@ -14,7 +14,7 @@ from ..events import EventBus
 from ..jobs import Job, JobBoard
 from ..settings import Settings, loopback_for
 from ..store import ModelStore, StoreError, name_from_filename
-from ..usb import ModelSource, StickWriteError, import_stick, write_stick
+from ..usb import ModelSource, StickWriteError, import_stick, write_documents, write_stick
 from .common import settings as _settings
 
 
@@ -102,7 +102,7 @@ def cmd_usb_import(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def _write(target: Path, sources: list[ModelSource]) -> int:
+def _write(target: Path, sources: list[ModelSource], ready: bool = True) -> int:
     progress = _Progress()
     try:
         written = write_stick(target, sources, on_progress=lambda name, done: progress.show(name, done, 0))
@@ -113,17 +113,33 @@ def _write(target: Path, sources: list[ModelSource]) -> int:
     progress.end()
     for m in written:
         print(f"wrote {m.name}: {m.file}, {m.size} bytes, sha256 {m.sha256}")
-    print(f"{target} is ready: plug it into an offgridd box")
+    if ready:
+        print(f"{target} is ready: plug it into an offgridd box")
     return 0
 
 
 def cmd_usb_prepare(args: argparse.Namespace) -> int:
-    if args.name and len(args.files) > 1:
+    if not args.files and not args.documents:
+        print("give model files, documents (--documents FILE...), or both", file=sys.stderr)
+        return 2
+    if args.name and len(args.files) != 1:
         print("--name needs exactly one model file", file=sys.stderr)
         return 2
-    sources = [ModelSource(name=args.name or name_from_filename(f.name), path=f, license=args.license,
-                           description=args.description) for f in args.files]
-    return _write(args.dir, sources)
+    if args.files:
+        sources = [ModelSource(name=args.name or name_from_filename(f.name), path=f, license=args.license,
+                               description=args.description) for f in args.files]
+        if (code := _write(args.dir, sources, ready=not args.documents)) != 0:
+            return code
+    if args.documents:
+        try:
+            written = write_documents(args.dir, args.documents, args.collection)
+        except (StickWriteError, OSError) as e:
+            print(f"not written: {e}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
+        print(f"{args.dir} is ready: plug it into an offgridd box")
+    return 0
 
 
 def cmd_models_export(args: argparse.Namespace) -> int:
@@ -144,9 +160,13 @@ def add_commands(sub, common: argparse.ArgumentParser, models) -> None:
     """`usb prepare|import` under the top level, `export` under `models`."""
     usb = sub.add_parser("usb", help="USB sticks: write them, import from them").add_subparsers(
         dest="usb_command", required=True)
-    prep = usb.add_parser("prepare", help="write models onto a mounted stick in the offgridd format (no daemon needed)")
+    prep = usb.add_parser("prepare", help="write models and documents onto a mounted stick in the offgridd format "
+                          "(no daemon needed)")
     prep.add_argument("dir", type=Path, help="the stick's mount point")
-    prep.add_argument("files", type=Path, nargs="+", metavar="MODEL_FILE", help="GGUF files")
+    prep.add_argument("files", type=Path, nargs="*", metavar="MODEL_FILE", help="GGUF files")
+    prep.add_argument("--documents", type=Path, nargs="+", default=[], metavar="FILE",
+                      help="documents (text, Markdown, HTML, PDF) for the box's collections")
+    prep.add_argument("--collection", help="the collection the documents go into (default: 'default')")
     prep.add_argument("--name", help="model name (one file only; default: from the file name)")
     prep.add_argument("--license", default="unspecified", help="license text or SPDX id recorded in the manifest")
     prep.add_argument("--description")
