@@ -481,7 +481,7 @@ async def test_its_size_is_reported_bounded_and_given_back_by_vacuum(database):
     saved = [{"id": f"b{i}", "title": "t", "messages": [{"role": "user", "content": "z" * 3000}]} for i in range(5)]
     report = await store.import_browser(saved, owner=None)
     assert 0 < len(report.imported) < 5 and len(report.imported) + len(report.rejected) == 5
-    assert all("raise db_max_bytes" in r for r in report.rejected)
+    assert all("raise history.max_db_bytes" in r for r in report.rejected)
 
     await store.delete(c.id, owner=None)
     first = await store.vacuum()

@@ -55,6 +55,11 @@ def _path(db: sqlite_utils.Database) -> str:
     return next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
 
 
+def _fts_tables(db: sqlite_utils.Database) -> list[str]:
+    return [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                         "AND sql LIKE 'CREATE VIRTUAL TABLE%USING FTS5%'")]
+
+
 def database_size(db: sqlite_utils.Database) -> DatabaseSize:
     path = _path(db)
 
@@ -85,9 +90,8 @@ def vacuum(db: sqlite_utils.Database, *, full: bool = False) -> VacuumResult:
         db.conn.commit()  # VACUUM cannot run inside one; any open here was left by a finished caller on this thread
     if full or _pragma(db, "auto_vacuum") != INCREMENTAL:
         mode = "full"
-        for fts in ("conversations_fts", "messages_fts"):
-            if db[fts].exists():
-                db.execute(f"INSERT INTO {fts}({fts}) VALUES('optimize')")
+        for fts in _fts_tables(db):  # conversations', messages' and documents' chunks' indexes alike
+            db.execute(f"INSERT INTO \"{fts}\"(\"{fts}\") VALUES('optimize')")
         db.conn.commit()
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("VACUUM")
