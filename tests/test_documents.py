@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+import msgpack
+import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,9 +25,11 @@ from offgridd.documents import (
     DocumentsFull,
     DocumentStore,
     DocumentTooLarge,
+    InvalidDocument,
     Limits,
     ground,
 )
+from offgridd.documents.share import read_shared
 from offgridd.settings import load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -128,6 +132,69 @@ async def test_a_document_that_would_take_the_database_past_its_bound_is_refused
     assert embedded == [WATER.replace("\n", " ")]  # the refusal came before any of the manual was embedded
     assert [d.filename for d in await small.list()] == ["water.md"] and small.db.run_sync(used_bytes) == used
     db.close()
+
+
+async def test_a_shared_document_arrives_whole_and_keeps_its_vectors_when_the_model_agrees(embed, store, tmp_path):
+    water = await store.add("notes", "water.md", WATER.encode())
+    data = await store.export(water.id)
+    other_db = Database(tmp_path / "other.db")
+    other = DocumentStore(other_db, embed, model=MODEL)
+    got = await other.add_shared("kit", data, source="peer box-a")
+    assert (got.collection, got.filename, got.sha256, got.pages, got.chunks) == (
+        "kit", "water.md", water.sha256, water.pages, water.chunks)
+    assert other_db.run_sync(lambda db: db.execute("SELECT vector FROM chunks").fetchall()) == \
+        store.db.run_sync(lambda db: db.execute("SELECT vector FROM chunks").fetchall())
+    assert (await other.search("boil water", "kit"))[0].filename == "water.md"
+    with pytest.raises(DocumentExists):
+        await other.add_shared("kit", data, source="peer box-a")
+    other_db.close()
+
+
+async def test_a_shared_document_from_another_embedding_model_is_embedded_again_here(embed, store, tmp_path):
+    water = await store.add("notes", "water.md", WATER.encode())
+    shared = msgpack.unpackb(await store.export(water.id))
+    for row in shared["chunks"]:  # another model's vectors: unit length, pointing elsewhere
+        row[4] = np.roll(np.frombuffer(row[4], dtype="<f4"), 7).astype("<f4").tobytes()
+    shared["document"]["model"] = "bge-small-en"
+    other_db = Database(tmp_path / "other.db")
+    other = DocumentStore(other_db, embed, model=MODEL)
+    got = await other.add_shared("kit", msgpack.packb(shared), source="peer box-a")
+    assert got.model == MODEL
+    assert other_db.run_sync(lambda db: db.execute("SELECT vector FROM chunks").fetchall()) == \
+        store.db.run_sync(lambda db: db.execute("SELECT vector FROM chunks").fetchall())
+    other_db.close()
+
+
+def _mutations(good: dict) -> list[tuple[str, dict]]:
+    def changed(path: tuple, value) -> dict:
+        copy = msgpack.unpackb(msgpack.packb(good))
+        target = copy
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return copy
+    return [("format", changed(("format",), 2)), ("file name", changed(("document", "filename"), "../etc/passwd")),
+            ("kind", changed(("document", "kind"), "exe")), ("sha256", changed(("document", "sha256"), "x" * 64)),
+            ("model", changed(("document", "model"), "a b")), ("size", changed(("document", "size"), -1)),
+            ("page", changed(("chunks", 0, 0), 99)), ("text", changed(("chunks", 0, 2), "  ")),
+            ("dims", changed(("chunks", 0, 3), 3)), ("vector", changed(("chunks", 0, 4), b"\0" * 4 * 640)),
+            ("row", changed(("chunks", 0), [1, 0])), ("chunks", changed(("chunks",), []))]
+
+
+async def test_a_shared_document_that_is_wrong_in_any_field_is_refused_and_nothing_is_kept(store, tmp_path):
+    water = await store.add("notes", "water.md", WATER.encode())
+    good = msgpack.unpackb(await store.export(water.id))
+
+    def refusal(bad: dict | bytes) -> str | None:
+        try:
+            read_shared(bad if isinstance(bad, bytes) else msgpack.packb(bad))
+        except InvalidDocument as e:
+            return str(e)
+        return None
+
+    outcomes = {what: refusal(bad) for what, bad in [*_mutations(good), ("bytes", b"\xc1 not msgpack")]}
+    assert all(o and o.startswith("a shared document was refused") for o in outcomes.values()), outcomes
+    assert read_shared(msgpack.packb(good)).filename == "water.md"
 
 
 async def test_a_grounded_chat_gets_numbered_passages_after_its_own_system_prompt_and_the_sources(store):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import sqlite_utils
 
 from ..db import Database, Tables
@@ -37,6 +38,7 @@ from .records import (
 )
 from .schema import ensure_schema
 from .search import VectorCache, pack, retrieve
+from .share import pack_shared, read_shared
 
 T = TypeVar("T")
 log = logging.getLogger("offgridd.documents")
@@ -47,6 +49,9 @@ EMBED_BATCH = 8  # chunks per call to the worker: a chat request waiting behind 
 _COLUMNS = "id, collection, filename, kind, size, sha256, pages, chunks, model, added"
 ROW_BYTES = 64  # a chunk's row and index entries beyond its text and vector
 DIMS_GUESS = 1024  # before the first embedding: more than most small embedding models give (Gemma 3 270M: 640)
+# a shared document's vectors are kept when this box's model gives its first chunk a vector this close to the one
+# that came with it (the same model on another CPU differs in the last digits); otherwise its chunks are embedded here
+SAME_MODEL_COSINE = 0.98
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +130,12 @@ def delete_document(db: sqlite_utils.Database, cache: VectorCache, document_id: 
     return document
 
 
+def export_document(db: sqlite_utils.Database, document_id: int) -> bytes:
+    rows = db.execute("SELECT page, seq, text, dims, vector FROM chunks WHERE document_id = ? ORDER BY seq",
+                      [document_id]).fetchall()
+    return pack_shared(_find(db, document_id), rows)
+
+
 def list_documents(db: sqlite_utils.Database, collection: str | None) -> tuple[Document, ...]:
     where, params = ("WHERE collection = ?", [collection]) if collection is not None else ("", [])
     return tuple(map(_document, db.execute(f"SELECT {_COLUMNS} FROM documents {where} ORDER BY collection, id",
@@ -200,6 +211,39 @@ class DocumentStore:
                 vectors=vectors, max_total_bytes=self.limits.max_total_bytes, max_db_bytes=self.limits.max_db_bytes)
         log.info("document %d %r into %r: %d pages, %d chunks in %.2f s", document.id, filename, collection,
                  document.pages, document.chunks, time.monotonic() - started)
+        self.changed("added", document)
+        return document
+
+    async def export(self, document_id: int) -> bytes:
+        """A document as another box of the fleet takes it (share.py): its chunks and vectors, not the file."""
+        return await self._run(export_document, document_id)
+
+    async def add_shared(self, collection: str | None, data: bytes, source: str) -> Document:
+        """Keep a document another box shared (`export`), checked field by field. Its vectors are kept only when this
+        box's embedding model gives the same vector for its first chunk; otherwise every chunk is embedded here."""
+        collection = check_collection(collection)
+        loop = asyncio.get_running_loop()
+        shared = await loop.run_in_executor(None, read_shared, data)
+        texts = [c.text for c in shared.chunks]
+        async with self._one_at_a_time:
+            started = time.monotonic()
+            await self._run(check_room, collection, shared.sha256, shared.filename, shared.size,
+                            self.limits.max_total_bytes)
+            mine = await self._vectors(texts[:1])
+            self._dims = len(mine[0])
+            _, unit = pack(mine[0])
+            same = len(mine[0]) == shared.vectors.shape[1] and \
+                float(shared.vectors[0] @ np.frombuffer(unit, dtype="<f4")) >= SAME_MODEL_COSINE
+            await self._run(check_db_room, shared.filename, shared.chunks, self._dims, self.limits.max_db_bytes)
+            vectors = list(shared.vectors) if same else mine + await self._vectors(texts[1:])
+            document = await self._run(
+                write_document, self._cache, collection=collection, filename=shared.filename, kind=shared.kind,
+                size=shared.size, sha256=shared.sha256, pages=shared.pages, model=self.model, chunks=shared.chunks,
+                vectors=vectors, max_total_bytes=self.limits.max_total_bytes, max_db_bytes=self.limits.max_db_bytes)
+        log.info("document %d %r into %r from %s: %d chunks, %s, in %.2f s", document.id, shared.filename,
+                 collection, source, document.chunks,
+                 "its vectors kept (the same model)" if same else f"embedded here ({shared.model} sent it)",
+                 time.monotonic() - started)
         self.changed("added", document)
         return document
 
