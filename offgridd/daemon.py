@@ -74,7 +74,7 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
                                       led_pattern=functools.partial(status.led_pattern, rt))
     if settings.history.enabled:
         rt.history = ConversationStore(db, max_bytes=settings.history.max_db_bytes)
-    if settings.documents.enabled:  # before the USB watch, which takes documents off sticks into it
+    if settings.documents.enabled:  # before the USB watch and the peers, which bring documents into it
         rt.documents = documents(settings, db, inference, bus)
     if settings.usb.enabled:
         rt.usb = UsbWatcher(settings.usb, store, rt.jobs, bus, inference.pool,
@@ -82,7 +82,7 @@ def build_runtime(settings: Settings, detection: Detection | None = None) -> Run
                             max_document_bytes=settings.documents.max_upload_bytes)
     if settings.peers.enabled:
         rt.peers = PeerService(settings, store, rt.jobs, metrics, bus,
-                               load=lambda: (inference.active, inference.waiting))
+                               load=lambda: (inference.active, inference.waiting), documents=rt.documents)
     if settings.voice.enabled:  # speech takes its turn in the same queue as chat
         rt.voice = VoiceService(settings.voice, store, admission.ticket, inference.idle,
                                 wait_limit=settings.queue_timeout, chat=inference.generate)

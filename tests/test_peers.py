@@ -229,6 +229,58 @@ def test_a_box_with_voice_off_pulls_a_peers_language_models_but_not_its_speech_m
         stop_all(a, b)
 
 
+def upload(daemon: Daemon, collection: str, name: str, data: bytes) -> dict:
+    boundary = secrets.token_hex(8)
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="collection"\r\n\r\n{collection}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n').encode() \
+        + data + f"\r\n--{boundary}--\r\n".encode()
+    status, _, raw = http("POST", f"{daemon.url}/api/v1/documents", body,
+                          {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=120)
+    assert status == 201, raw
+    return json.loads(raw)
+
+
+def test_a_collection_is_pulled_from_a_peer_verified_and_found_by_search_there(model_state, tmp_path):
+    key = secrets.token_bytes(32)
+    pa, pb = udp_port(), udp_port()
+    a = start_peer(fleet_state(model_state, tmp_path, "box-a", key), pa, [pb])
+    b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa])
+    try:
+        water = upload(a, "kit", "water.md", b"# Water\nBoil drinking water for one minute to kill germs.")
+        radio = upload(a, "kit", "radio.txt", b"Call on channel 16 for help.\fThe battery lasts two days.")
+        wait_for(lambda: [p.get("collections") for p in peers_of(b)["peers"]] == [
+            [{"name": "kit", "documents": 2}]], what="B to see A's collection")
+        # not a member: refused, and nothing of the collection is listed
+        status, _, raw = http("GET", f"{a.url}/fleet/v2/collections/kit")
+        assert status == 403 and b"water" not in raw
+        path = f"/fleet/v2/documents/{water['id']}"
+        status, _, raw = http("GET", a.url + path, headers=member_call(a, secrets.token_bytes(32), "GET", path))
+        assert status == 403 and b"Boil" not in raw
+
+        status, _, raw = http("POST", f"{b.url}/api/v1/documents/pull", {"peer": "box-a", "collection": "kit",
+                                                                          "into": "from-a"}, timeout=300)
+        report = json.loads(raw)
+        assert status == 200 and report["ok"], report
+        assert sorted((d["filename"], d["state"]) for d in report["documents"]) == [
+            ("radio.txt", "done"), ("water.md", "done")]
+        status, _, raw = http("GET", f"{b.url}/api/v1/documents/search?collection=from-a&q=channel+for+help")
+        top = json.loads(raw)["passages"][0]
+        assert (top["filename"], top["page"]) == ("radio.txt", 1)
+        listed = json.loads(http("GET", f"{b.url}/api/v1/documents?collection=from-a")[2])["documents"]
+        assert {(d["filename"], d["sha256"], d["pages"]) for d in listed} == {
+            ("water.md", water["sha256"], 1), ("radio.txt", radio["sha256"], 2)}
+        assert {j["state"] for j in jobs(b) if j["kind"] == "peer-document"} == {"done"}
+        assert "its vectors kept (the same model)" in b.log.read_text()
+
+        again = json.loads(http("POST", f"{b.url}/api/v1/documents/pull", {"peer": "box-a", "collection": "kit",
+                                                                            "into": "from-a"}, timeout=300)[2])
+        assert [d["state"] for d in again["documents"]] == ["skipped", "skipped"]
+        status, _, raw = http("POST", f"{b.url}/api/v1/documents/pull", {"peer": "box-z", "collection": "kit"})
+        assert status == 404 and json.loads(raw)["error"]["code"] == "peer_not_found"
+    finally:
+        stop_all(a, b)
+
+
 def test_a_pull_killed_halfway_resumes_from_where_it_stopped_after_either_side_restarts(model_state, tmp_path):
     key = secrets.token_bytes(32)
     pa, pb = udp_port(), udp_port()

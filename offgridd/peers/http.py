@@ -6,8 +6,11 @@ import asyncio
 
 from aiohttp import web
 
+from ..documents import DocumentError, DocumentNotFound
+from ..documents.records import check_collection
 from ..store import SHA256_RE
-from ..web import ApiError
+from ..web import ApiError, read_json
+from .collections import COLLECTION_PATH, DOCUMENT_PATH, PullError, pull_collection
 from .exchange import (
     ANSWER_HEADER,
     BLOB_PATH,
@@ -23,7 +26,6 @@ from .exchange import (
     valid_challenge,
     verify_request,
 )
-from .protocol import inventory_digest
 from .service import PeerService
 
 NODE_HEADER = "X-Offgrid-Node"  # the node that served a response: routing keeps the peer's
@@ -85,16 +87,68 @@ async def hello(request: web.Request) -> web.Response:
 
 async def inventory(request: web.Request) -> web.Response:
     service, _ = await fleet_call(request)
-    manifests = await asyncio.get_running_loop().run_in_executor(None, service.store.list)
+    manifests, collections = await service.refresh()
     load, queue = service.load()
     return web.json_response({
         "node": service.identity.node_id, "name": service.identity.name,
-        "inventory": inventory_digest((m.name, m.sha256) for m in manifests),
+        "inventory": service.digest,
         "models": [{"name": m.name, "kind": m.kind, "sha256": m.sha256, "size": m.size, "architecture": m.architecture,
                     "quantization": m.quantization, "context_length": m.context_length, "license": m.license}
                    for m in manifests],
+        "collections": [{"name": c["name"], "documents": c["documents"]} for c in collections],
         "load": load, "queue": queue,
     })
+
+
+def _documents(service: PeerService):
+    if service.documents is None:
+        raise ApiError(404, "documents are off on this node", code="documents_disabled")
+    return service.documents
+
+
+async def collection(request: web.Request) -> web.Response:
+    """A collection's documents, for a member to pull: ids, file names, sizes and sha256s."""
+    service, _ = await fleet_call(request)
+    try:
+        documents = await _documents(service).list(check_collection(request.match_info["name"]))
+    except DocumentError as e:
+        raise ApiError(e.status, str(e), code="invalid_collection") from None
+    return web.json_response({"documents": [d.to_dict() for d in documents]})
+
+
+async def document(request: web.Request) -> web.Response:
+    """One document as share.py packs it: its chunks' pages, texts and vectors (the file itself is not kept)."""
+    service, _ = await fleet_call(request)
+    try:
+        data = await _documents(service).export(int(request.match_info["id"]))
+    except (ValueError, DocumentNotFound):
+        raise ApiError(404, "no such document on this node", code="document_not_found") from None
+    return web.Response(body=data, content_type="application/x-msgpack")
+
+
+async def pull(request: web.Request) -> web.Response:
+    """`POST /api/v1/documents/pull {"peer", "collection", "into"?}`: a peer's collection, verified, into this box's
+    (the same name unless `into`); answers the report once every document is done, skipped or failed."""
+    service = peer_service(request.app)
+    if service is None or service.identity is None:
+        raise ApiError(404, "peers are disabled on this node", code="peers_disabled")
+    if service.documents is None:
+        raise ApiError(503, "documents are off on this box (documents.enabled = false)", code="documents_disabled")
+    body = await read_json(request)
+    try:
+        name, into = check_collection(body.get("collection")), body.get("into")
+        into = check_collection(into) if into is not None else None
+    except DocumentError as e:
+        raise ApiError(400, str(e), param="collection") from None
+    peer = service.find(body.get("peer")) if isinstance(body.get("peer"), str) else None
+    if peer is None:
+        raise ApiError(404, f"no live peer named {str(body.get('peer'))[:80]!r}; GET /api/v1/peers lists them",
+                       param="peer", code="peer_not_found")
+    try:
+        report = await pull_collection(service, peer, name, into)
+    except PullError as e:
+        raise ApiError(502, str(e), code="peer_refused") from None
+    return web.json_response(report.to_dict())
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
@@ -131,4 +185,7 @@ def setup_routes(app: web.Application, service: PeerService | None) -> None:
     app.router.add_get(HELLO_PATH, hello)
     app.router.add_get(INVENTORY_PATH, inventory)
     app.router.add_get(BLOB_PATH + "{sha256}", blob)
+    app.router.add_get(COLLECTION_PATH + "{name}", collection)
+    app.router.add_get(DOCUMENT_PATH + "{id}", document)
+    app.router.add_post("/api/v1/documents/pull", pull)
     app.on_response_prepare.append(_sign_response)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..documents.records import COLLECTION
 from ..store import SHA256_RE, valid_name
 from .exchange import endpoint
 from .protocol import PeerAnnouncement
@@ -30,6 +31,7 @@ class Peer:
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     models: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size", ...} from its inventory
+    collections: dict[str, int] = field(default_factory=dict)  # its documents' collections: name -> documents
     fetched: str = ""  # the inventory digest `models` matches
 
     @property
@@ -53,6 +55,7 @@ class Peer:
     def to_dict(self) -> dict:
         return {"node": self.node, "name": self.name, "address": self.address, "http_port": self.http_port,
                 "url": self.url, "version": self.version, "models": sorted(self.models),
+                "collections": [{"name": n, "documents": d} for n, d in sorted(self.collections.items())],
                 "model_count": self.models_count, "load": self.load, "queue": self.queue,
                 "clock_offset_s": round(self.clock_offset, 1), "boot": self.boot,
                 "first_seen": self.first_seen, "last_seen_s": round(time.monotonic() - self.last_seen, 1)}
@@ -74,6 +77,12 @@ def parse_static(entries: list[str]) -> list[tuple[str, int]]:
             raise ValueError(f"peers.static entry {entry!r} is not 'host:port'")
         out.append((host.strip("[]"), int(port)))
     return out
+
+
+def good_collection(c) -> bool:
+    """A collection in an inventory this node may show and pull: a valid name and a document count."""
+    return (isinstance(c, dict) and isinstance(c.get("name"), str) and bool(COLLECTION.fullmatch(c["name"]))
+            and isinstance(c.get("documents"), int) and not isinstance(c["documents"], bool) and c["documents"] >= 0)
 
 
 def good_entry(m) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import replace
 import aiohttp
 
 from .. import __version__
+from ..documents import DocumentStore
 from ..events import EventBus
 from ..jobs import JobBoard
 from ..metrics import Metrics
@@ -36,7 +37,7 @@ from .exchange import (
     verify_answer,
 )
 from .fleet import FleetKeyError, NodeIdentity, identity_mark, load_identity
-from .peer import Peer, good_entry, parse_static
+from .peer import Peer, good_collection, good_entry, parse_static
 from .protocol import (
     DROP_REASONS,
     DatagramRejected,
@@ -79,10 +80,11 @@ class PeerService:
     name = "peers"
 
     def __init__(self, settings: Settings, store: ModelStore, jobs: JobBoard, metrics: Metrics, bus: EventBus,
-                 load: Callable[[], tuple[int, int]]):
+                 load: Callable[[], tuple[int, int]], documents: DocumentStore | None = None):
         self.state, self.http_port = settings.state, settings.port
         self.settings = settings.peers
-        self.store, self.metrics, self.bus = store, metrics, bus
+        self.store, self.metrics, self.bus, self.jobs = store, metrics, bus, jobs
+        self.documents = documents  # its collections are listed to members, and pulled from them on request
         self.load = load  # (requests active, requests waiting): what announcements say and routing ranks by
         self.identity: NodeIdentity | None = None
         self.boot = 0  # this node's count of starts: what it signs announcements and answers for
@@ -205,10 +207,15 @@ class PeerService:
 
     # --- announcing
 
-    def _refresh(self) -> None:
-        """Blocking: re-read the inventory."""
-        self.inventory = self.store.list()
-        self.digest = inventory_digest((m.name, m.sha256) for m in self.inventory)
+    async def refresh(self) -> tuple[list[ModelManifest], list[dict]]:
+        """This node's models and collections now, and the digest its announcements carry for both (a member
+        fetches the inventory again when the digest changes)."""
+        self.inventory = await asyncio.get_running_loop().run_in_executor(None, self.store.list)
+        collections = await self.documents.collections() if self.documents is not None else []
+        self.digest = inventory_digest([*((m.name, m.sha256) for m in self.inventory),
+                                        *((f"collection {c['name']}", f"{c['documents']} {c['bytes']}")
+                                          for c in collections)])
+        return self.inventory, collections
 
     def announcement(self) -> PeerAnnouncement:
         """This node as it announces itself now, under the counter of its latest datagram."""
@@ -223,7 +230,7 @@ class PeerService:
         while True:
             try:
                 self.key()
-                await loop.run_in_executor(None, self._refresh)
+                await self.refresh()
                 await self._announce()
                 self._expire()
             except Exception:
@@ -275,7 +282,7 @@ class PeerService:
         with self.bus.subscribe() as queue:
             while True:
                 event = await queue.get()
-                if event.kind == "models" or (event.kind == "job" and event.data.get("state") == "done"):
+                if event.kind in ("models", "documents") or (event.kind == "job" and event.data.get("state") == "done"):
                     self.changed()
 
     # --- listening: a datagram is taken from a proven address, and otherwise only prompts a challenge
@@ -403,20 +410,32 @@ class PeerService:
         if peer.fetched != peer.inventory and not any(t.get_name() == f"inventory-{peer.node}" for t in self._tasks):
             self._spawn(self._fetch_inventory(peer), f"inventory-{peer.node}")
 
+    async def fetch(self, peer: Peer, path: str, limit: int, seconds: float = 10) -> tuple[int, bytes]:
+        """A signed GET to a member whose whole answer (status and body, at most `limit` bytes) is proved to be that
+        member's own: ExchangeRefused if not, ValueError for an answer without a length or over the limit."""
+        headers, nonce = self.sign_call(peer, "GET", path)
+        async with self.session.get(peer.url + path, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=seconds)) as resp:
+            body = await _bounded_body(resp, limit)
+            self.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint, body=body)
+            return resp.status, body
+
+    def find(self, name: str) -> Peer | None:
+        """A live peer by its name or node id."""
+        now = time.monotonic()
+        return next((p for p in self.peers.values() if name in (p.name, p.node) and not p.expired(now)), None)
+
     async def _fetch_inventory(self, peer: Peer) -> None:
-        headers, nonce = self.sign_call(peer, "GET", INVENTORY_PATH)
         try:
-            async with self.session.get(peer.url + INVENTORY_PATH, headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                body = await _bounded_body(resp, MAX_INVENTORY_BYTES)
-                self.check_answer(resp, node=peer.node, bound_to=nonce, dialed=peer.endpoint, body=body)
-                if resp.status != 200:
-                    log.warning("peer %s refused its inventory: HTTP %s", peer.name, resp.status)
-                    return
+            status, body = await self.fetch(peer, INVENTORY_PATH, MAX_INVENTORY_BYTES)
+            if status != 200:
+                log.warning("peer %s refused its inventory: HTTP %s", peer.name, status)
+                return
             data = json.loads(body)
             if data["node"] != peer.node:
                 raise ValueError("the inventory is another node's")
             peer.models = {m["name"]: m for m in data["models"] if good_entry(m)}
+            peer.collections = {c["name"]: c["documents"] for c in data.get("collections", []) if good_collection(c)}
             peer.fetched = data["inventory"]
         except (ExchangeRefused, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.warning("could not fetch the inventory of peer %s: %s", peer.name, e or type(e).__name__)
