@@ -273,3 +273,32 @@ def test_with_documents_off_the_page_shows_no_documents_tab_and_no_choice_in_cha
     finally:
         daemon.stop()
     assert daemon.blocked_loop_reports() == []
+
+
+def test_a_peers_collection_is_pulled_from_the_peers_tab_and_appears_in_documents(model_state, tmp_path, open_ui):
+    from test_peers import fleet_state, start_peer, stop_all, udp_port
+
+    key = uuid.uuid4().bytes * 2
+    pa, pb = udp_port(), udp_port()
+    a = start_peer(fleet_state(model_state, tmp_path, "hall", key), pa, [pb], OFFGRID_ADMIN_KEY=ADMIN)
+    b = start_peer(fleet_state(model_state, tmp_path, "barn", key), pb, [pa])
+    try:
+        status, _ = upload(a.url, "kit", "water.md", WATER.encode())
+        assert status == 201
+        visit = open_ui(b.url, viewport=PHONE)
+        visit.page.wait_for_selector('.tab[data-tab="peers"]', timeout=60_000)
+        visit.tab("peers")
+        row = visit.page.wait_for_selector('[data-peer="hall"] .peer-collection', timeout=60_000)
+        assert row.inner_text().startswith("documents: kit (1)")
+        visit.page.click('[data-peer="hall"] .peer-collection button')
+        visit.page.wait_for_function(
+            "() => document.querySelector('[data-peer=\"hall\"] .peer-collection [role=status]')"
+            ".textContent.includes('added')", timeout=WAIT_MS)
+        assert "1 added, 0 already here" in visit.page.inner_text('[data-peer="hall"] .peer-collection')
+        assert [(d["collection"], d["filename"]) for d in listed(b.url)] == [("kit", "water.md")]
+        visit.tab("documents")
+        assert "water.md" in visit.page.wait_for_selector('[data-collection="kit"] [data-document]').inner_text()
+        assert overflowing(visit, PHONE["width"]) == []
+        assert visit.errors() == [] and visit.outside() == []
+    finally:
+        stop_all(a, b)

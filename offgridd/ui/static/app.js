@@ -420,7 +420,7 @@ function renderJobs() {
 
 /* ---------- peers: shown only where the daemon has them ---------- */
 
-const peers = { timer: null };
+const peers = { timer: null, pulls: new Map() }; // pulls: "peer/collection" -> what its last pull said
 
 async function loadPeers() {
   try {
@@ -466,11 +466,42 @@ function renderPeers(list) {
         p.state || p.status ? el("span", { class: "badge", text: fmtValue(p.state || p.status) }) : null),
       where ? el("p", { class: "muted", text: where }) : null,
       el("p", { text: modelNames.length ? "models: " + modelNames.join(", ") : "no models" }),
+      ...(docs.on ? (p.collections || []).map((c) => peerCollection(name, c)) : []),
       p.load !== undefined ? el("p", { text: "load: " + fmtValue(p.load)
         + (p.queue !== undefined ? ` · queue ${fmtValue(p.queue)}` : "") }) : null,
       seen !== undefined ? el("p", { class: "muted", text: `heard ${fmtDuration(seen)} ago` }) : null,
       p.version ? el("p", { class: "muted", text: "version " + p.version }) : null);
   }));
+}
+
+// A peer's collection of documents, with a button that copies it to this box (verified there; an admin action).
+function peerCollection(peer, c) {
+  const key = `${peer}/${c.name}`;
+  const status = el("span", { class: "muted", role: "status", text: peers.pulls.get(key) || "" });
+  const button = el("button", {
+    type: "button", class: "quiet", text: "Pull", title: `Copy the collection ${c.name} from ${peer} to this box`,
+    "aria-label": `Pull the collection ${c.name} from ${peer}`,
+  });
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    status.textContent = "pulling…";
+    let said;
+    try {
+      const r = await call("/api/v1/documents/pull", { method: "POST", admin: true,
+        body: { peer, collection: c.name } });
+      const count = (state) => r.documents.filter((d) => d.state === state).length;
+      const failed = r.documents.filter((d) => d.state === "failed");
+      said = `${count("done")} added, ${count("skipped")} already here`
+        + (failed.length ? ` · ${failed.length} failed: ${failed[0].filename}: ${failed[0].reason}` : "");
+      loadDocuments();
+    } catch (e) {
+      said = "not pulled: " + explain(e);
+    }
+    peers.pulls.set(key, said);
+    status.textContent = said;
+    button.disabled = false;
+  });
+  return el("p", { class: "peer-collection" }, `documents: ${c.name} (${c.documents})`, " ", button, " ", status);
 }
 
 /* ---------- documents: collections a chat can be answered from, with sources (/api/v1/documents) ---------- */
