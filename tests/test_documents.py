@@ -4,11 +4,10 @@ sqlite file, searched hybrid; the HTTP routes on the real app; recall@5 measured
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
+import documents_bench as bench
 import msgpack
 import numpy as np
 import pytest
@@ -31,9 +30,6 @@ from offgridd.documents import (
 )
 from offgridd.documents.share import read_shared
 from offgridd.settings import load_settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import documents_bench as bench  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "gemma3-270m"

@@ -4,16 +4,12 @@ daemon's event loop never waits on extraction, embedding or sqlite meanwhile."""
 from __future__ import annotations
 
 import json
-import sys
 import uuid
-from pathlib import Path
 
+import documents_bench as bench
 import openai
 import pytest
 from conftest import EventLog, http, private_state, running_daemon, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import documents_bench as bench  # noqa: E402
 
 
 def multipart(fields: dict[str, str], name: str, data: bytes) -> tuple[bytes, dict]:

@@ -10,6 +10,7 @@ from urllib.parse import quote_plus
 import pytest
 import test_ui
 from conftest import http, private_state, running_daemon, start_daemon
+from documents_bench import pdf_of
 from test_ui import PHONE, WAIT_MS, Visit, overflowing, wait_without_model
 
 browser, open_ui = test_ui.browser, test_ui.open_ui  # the fixtures of test_ui: a fenced-off Chromium, a fresh page
@@ -22,16 +23,6 @@ RADIO = ["The hand-crank radio receives AM, FM and the weather band. Keep it dry
          "To charge the battery of the hand-crank radio, turn the crank for three minutes: that gives about "
          "twenty minutes of listening. A full charge from the solar panel takes eight hours of sun."]
 
-
-def pdf_of(pages: list[str]) -> bytes:
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
 
 
 def multipart(collection: str, name: str, data: bytes) -> tuple[bytes, dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, http, private_state, running_daemon, start_daemon, wait_for
+from documents_bench import pdf_of
 from gguf_factory import gguf_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,17 +37,6 @@ RADIO = ["The hand-crank radio receives AM, FM and the weather band. Keep it dry
          "To charge the battery of the hand-crank radio, turn the crank for three minutes: that gives about twenty "
          "minutes of listening."]
 
-
-def pdf_of(pages: list[str]) -> bytes:
-    """A PDF with one page per text, as a word processor would write it."""
-    from fpdf import FPDF
-
-    pdf = FPDF()
-    pdf.set_font("Helvetica", size=11)
-    for text in pages:
-        pdf.add_page()
-        pdf.multi_cell(0, 6, text)
-    return bytes(pdf.output())
 
 
 @pytest.fixture(scope="module")
