@@ -84,6 +84,9 @@ async def pull_collection(service: PeerService, peer: Peer, collection: str, int
         result = PulledDocument(filename=entry["filename"], state="failed", reason="", job=job.id)
         if entry["sha256"] in have:
             result.state, result.reason = "skipped", f"already in collection {into!r} (same sha256)"
+        elif entry["size"] > documents.limits.max_upload_bytes:  # as an upload of it here would be
+            result.reason = (f"{entry['filename']} was {entry['size']:,} bytes; this box takes documents of at most "
+                             f"{documents.limits.max_upload_bytes:,} (documents.max_upload_bytes); it was not fetched")
         else:
             try:
                 status, data = await service.fetch(peer, DOCUMENT_PATH + str(entry["id"]), MAX_SHARED_BYTES,
