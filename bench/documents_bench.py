@@ -6,7 +6,8 @@ latency, on the public question/passage set in tests/data/field_guide.json, embe
 The set is four field-guide documents of eight pages each (CC0; see its "about"), uploaded as the box receives them:
 two as PDFs (generated here with fpdf2, one passage a page), one as Markdown and one as plain text (pages split by
 form feeds). A question counts as found when a passage from its page (file and page) is among the top 5. The model
-runs in a real inference worker, as the daemon runs it. Prints one JSON object.
+runs in a real inference worker, as the daemon runs it. "shared" is the same collection taken by a second store as a
+peer hands it over (documents/share.py; the network is left out). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -117,9 +118,29 @@ async def measure(state: Path, model: str, threads: int) -> dict:
                                        "p95": round(ms[int(0.95 * (len(ms) - 1))], 2)}
         for method in ("hybrid", "vector", "bm25"):  # a stricter view of the same rankings: the first passage
             out["recall_at_1"][method] = round((await recall(store, guide["questions"], method=method, k=1))[0], 3)
+        out["shared"] = await share(store, state / "shared.db", embed, model, guide)
         return out
     finally:
         await inference.pool.stop()
+        db.close()
+
+
+async def share(store: DocumentStore, path: Path, embed, model: str, guide: dict) -> dict:
+    """The collection taken by a second box as a peer hands it over (share.py, without the network): how long
+    that takes beside ingesting the files, and whether search there finds the same pages."""
+    db = Database(path)
+    other = DocumentStore(db, embed, model=model, limits=Limits())
+    try:
+        started, total = time.perf_counter(), 0
+        for document in await store.list(COLLECTION):
+            data = await store.export(document.id)
+            total += len(data)
+            await other.add_shared(COLLECTION, data, source="the benchmark")
+        seconds = time.perf_counter() - started
+        return {"seconds": round(seconds, 3), "bytes": total, "pages_per_second": round(
+            sum(d.pages for d in await other.list(COLLECTION)) / seconds, 2),
+            "recall_at_5_hybrid": round((await recall(other, guide["questions"], method="hybrid"))[0], 3)}
+    finally:
         db.close()
 
 

@@ -213,7 +213,7 @@ async def test_a_grounded_chat_gets_numbered_passages_after_its_own_system_promp
 
 
 @pytest.mark.timeout(900)  # 32 pages and 32 questions embedded on 2 shared cores: 2-5 minutes under load
-async def test_recall_at_5_on_the_field_guide_with_the_real_model(store, capsys):
+async def test_recall_at_5_on_the_field_guide_with_the_real_model(store, capsys, tmp_path):
     guide = bench.field_guide()
     started, pages = time.perf_counter(), 0
     for name, data, count in bench.uploads(guide):  # two PDFs generated here, one Markdown, one text
@@ -229,6 +229,9 @@ async def test_recall_at_5_on_the_field_guide_with_the_real_model(store, capsys)
               f"ingestion {pages_per_second:.2f} pages/s")
     for method, floor in RECALL_FLOOR.items():
         assert found[method] >= floor, f"{method} recall@5 {found[method]:.2f} is under {floor}"
+    # the collection handed to another box as a peer hands it over is found there just as well
+    shared = await bench.share(store, tmp_path / "shared.db", store.embed, MODEL, guide)
+    assert shared["recall_at_5_hybrid"] == round(found["hybrid"], 3)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
