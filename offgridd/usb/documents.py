@@ -24,7 +24,7 @@ from ..documents.extract import SUFFIXES
 from ..documents.records import Document, DocumentError, DocumentExists, InvalidDocument, check_collection
 from ..inference import Overloaded
 from ..jobs import JobBoard
-from .stick import NotOnStick, Refusal, StickFileError, _is_utf8, _shown, open_on_stick
+from .stick import NotOnStick, Refusal, StickFileError, is_utf8, open_on_stick, shown_name
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ class _Lister:
             self.refuse(where, f"{where}/ cannot be listed: {e.strerror}")
             return
         for entry in entries:
-            if not _is_utf8(entry.name):
-                self.refuse(f"{where}/{_shown(entry.name)}", f"{where}/{_shown(entry.name)!r}: the name is not UTF-8; "
-                                                             "rename it (on the PC that wrote the stick)")
+            if not is_utf8(entry.name):
+                path = f"{where}/{shown_name(entry.name)}"
+                self.refuse(path, f"{path!r}: the name is not UTF-8; rename it (on the PC that wrote the stick)")
             elif not _junk(entry.name):
                 self.entry(fd, entry, f"{where}/{entry.name}", collection)
 
@@ -213,7 +213,7 @@ def _case_hint(root_fd: int) -> str:
     with os.scandir(root_fd) as it:
         for entry in it:
             if entry.name.lower() == FOLDER:
-                return f"the folder {_shown(entry.name)!r} is not read: documents go in {FOLDER}/, in lower case"
+                return f"the folder {shown_name(entry.name)!r} is not read: documents go in {FOLDER}/, in lower case"
     return ""
 
 

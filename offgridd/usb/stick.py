@@ -65,7 +65,7 @@ class Stick:
     refused: tuple[Refusal, ...] = ()  # files seen on the stick that will not be imported, with the reason
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """False for a str holding lone surrogates: a non-UTF-8 file name, or a JSON "\\udcff" escape. sqlite (the job
     record) and the event stream cannot carry one."""
     try:
@@ -75,17 +75,17 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _shown(text: str) -> str:
+def shown_name(text: str) -> str:
     """A name as a person can be shown it, whatever bytes it came from."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if not _is_utf8(text) else text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if not is_utf8(text) else text
 
 
 def safe_relative_path(value: object, where: str) -> str:
     """A manifest path that cannot leave the stick: relative, no `..`, no empty or odd components."""
     if not isinstance(value, str) or not value:
         raise StickError(f"{where}: must be a non-empty string")
-    if not _is_utf8(value):
-        raise StickError(f"{where}: {_shown(value)[:80]!r} is not valid UTF-8 (a lone surrogate escape)")
+    if not is_utf8(value):
+        raise StickError(f"{where}: {shown_name(value)[:80]!r} is not valid UTF-8 (a lone surrogate escape)")
     if len(value) > MAX_PATH or "\0" in value or "\\" in value:
         raise StickError(f"{where}: {value[:80]!r} is not a plain relative path (no backslashes, NUL, at most "
                          f"{MAX_PATH} characters)")
@@ -152,7 +152,7 @@ def _text(entry: dict, key: str, where: str, *, required: bool) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
         raise StickError(f"{where}.{key}: must be a non-empty string of at most {MAX_TEXT} characters")
-    if not _is_utf8(value):
+    if not is_utf8(value):
         raise StickError(f"{where}.{key}: is not valid UTF-8 (a lone surrogate escape)")
     return value
 
@@ -250,9 +250,9 @@ def read_stick(root: Path, *, allow_unverified: bool = False) -> Stick:
     for entry in entries:
         if not entry.name.lower().endswith(".gguf") or entry.name in listed:
             continue
-        if not _is_utf8(entry.name):
-            refused.append(Refusal(file=_shown(entry.name), reason=(
-                f"{_shown(entry.name)!r}: the file name is not UTF-8; rename it (on the PC that wrote the stick)")))
+        if not is_utf8(entry.name):
+            refused.append(Refusal(file=shown_name(entry.name), reason=(
+                f"{shown_name(entry.name)!r}: the file name is not UTF-8; rename it (on the PC that wrote the stick)")))
             continue
         name = name_from_filename(entry.name)
         if entry.is_symlink():
