@@ -266,6 +266,29 @@ def test_with_documents_off_the_page_shows_no_documents_tab_and_no_choice_in_cha
     assert daemon.blocked_loop_reports() == []
 
 
+def test_a_long_upload_shows_how_much_of_it_is_embedded_and_the_box_keeps_a_job_for_it(box, open_ui, tmp_path):
+    pages = [f"Log page {i}: the pump at well {i} was primed, it ran for {i} minutes and the water ran clear."
+             for i in range(48)]  # 48 chunks: six batches of the embedding model's work
+    (tmp_path / "pump-log.txt").write_text("\f".join(pages))
+    visit = open_ui(box.url, storage=OWNER)
+    visit.page.wait_for_selector("#link.up")
+    visit.tab("documents")
+    watch_uploads(visit)
+    visit.page.fill("#upload-collection", "logs")
+    visit.page.set_input_files("#upload-files", [tmp_path / "pump-log.txt"])
+    visit.page.click("#upload")
+    visit.page.wait_for_function("() => document.querySelectorAll('.upload.added').length === 1", timeout=WAIT_MS)
+    shown = [int(s.split("embedding… ")[1].split("%")[0]) for s in visit.page.evaluate("window.uploadStates")
+             if "embedding… " in s]
+    assert any(0 < share < 100 for share in shown), visit.page.evaluate("window.uploadStates")
+    assert shown == sorted(shown)
+    [job] = [j for j in json.loads(http("GET", f"{box.url}/api/v1/jobs")[2])["jobs"]
+             if j["kind"] == "document-upload" and j["model"] == "pump-log.txt"]
+    size = (tmp_path / "pump-log.txt").stat().st_size
+    assert job["state"] == "done" and job["bytes_done"] == job["bytes_total"] == size
+    assert "into collection 'logs'" in job["reason"] and "48 page(s)" in job["reason"]
+
+
 def test_a_peers_collection_is_pulled_from_the_peers_tab_and_appears_in_documents(model_state, tmp_path, open_ui):
     from test_peers import fleet_state, start_peer, stop_all, udp_port
 

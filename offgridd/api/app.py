@@ -72,6 +72,6 @@ def init_app(rt: Runtime) -> web.Application:
     peers.setup_routes(app, rt.peers, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     upstreams.setup_routes(app, rt.settings.upstreams, rt.metrics, read_timeout=rt.settings.worker_start_timeout)
     voice.setup_routes(app, rt.voice)
-    documents.setup_routes(app, rt.documents)
+    documents.setup_routes(app, rt.documents, rt.jobs)
     ui.setup_routes(app)
     return app

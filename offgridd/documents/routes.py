@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from aiohttp import BodyPartReader, web
 
+from ..jobs import JobBoard
 from ..web import ApiError
 from .records import DocumentError
 from .search import METHODS
 from .store import DocumentStore
 
 DOCUMENTS = web.AppKey("documents", DocumentStore)
+JOBS = web.AppKey("document_jobs", JobBoard)
+KIND = "document-upload"  # a job per upload: its bytes advance as its chunks are embedded, so it has an ETA
 CODES = {400: "invalid_document", 404: "document_not_found", 409: "document_exists", 413: "document_too_large",
          415: "unsupported_document", 507: "database_full"}
 READ_CHUNK = 1 << 16
@@ -62,10 +65,22 @@ async def upload(request: web.Request) -> web.Response:
             await part.release()
     if data is None:
         raise ApiError(400, "the upload has no 'file' part", param="file")
+    jobs = request.app[JOBS]
+    job = jobs.start(KIND, f"upload from {request.remote}", filename, len(data))
+    state, reason = "failed", "the upload ended before its document was kept"  # the client left, or the daemon stops
     try:
-        document = await store.add(collection, filename, data)
+        document = await store.add(collection, filename, data,
+                                   progress=lambda share: jobs.progress(job, int(share * len(data))))
+        state, reason = "done", (f"into collection {document.collection!r} as document {document.id}: "
+                                 f"{document.pages} page(s), {document.chunks} chunk(s)")
     except DocumentError as e:
+        state, reason = ("skipped" if e.status == 409 else "failed"), str(e)
         raise _api_error(e, "file") from None
+    except Exception as e:  # the embedding model busy or failing: the job says so, the client gets the error
+        reason = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        jobs.finish(job, state, reason)
     return web.json_response(document.to_dict(), status=201)
 
 
@@ -124,9 +139,10 @@ async def search(request: web.Request) -> web.Response:
     return web.json_response({"passages": [p.to_dict() for p in passages]})
 
 
-def setup_routes(app: web.Application, store: DocumentStore | None) -> None:
+def setup_routes(app: web.Application, store: DocumentStore | None, jobs: JobBoard) -> None:
     if store is not None:
         app[DOCUMENTS] = store
+    app[JOBS] = jobs
     app.router.add_post("/api/v1/documents", upload)
     app.router.add_get("/api/v1/documents", list_documents)
     app.router.add_get("/api/v1/documents/search", search)

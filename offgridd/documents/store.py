@@ -45,6 +45,7 @@ log = logging.getLogger("offgridd.documents")
 
 # texts in, one unit-length vector per text out: the daemon passes `lambda texts: inference.embed(model, texts)`
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+Progress = Callable[[float], None]  # the share of a document's chunks embedded so far, 0 to 1
 EMBED_BATCH = 8  # chunks per call to the worker: a chat request waiting behind ingestion waits for one batch only
 _COLUMNS = "id, collection, filename, kind, size, sha256, pages, chunks, model, added"
 ROW_BYTES = 64  # a chunk's row and index entries beyond its text and vector
@@ -175,7 +176,7 @@ class DocumentStore:
         """Create the tables now (at start-up) rather than on the first call."""
         await self._run(lambda db: None)
 
-    async def _vectors(self, texts: list[str]) -> list[list[float]]:
+    async def _vectors(self, texts: list[str], progress: Progress | None = None) -> list[list[float]]:
         vectors: list[list[float]] = []
         for at in range(0, len(texts), EMBED_BATCH):
             batch = texts[at:at + EMBED_BATCH]
@@ -183,10 +184,14 @@ class DocumentStore:
             if len(got) != len(batch):
                 raise RuntimeError(f"the embedding model returned {len(got)} vectors for {len(batch)} texts")
             vectors.extend(got)
+            if progress is not None:
+                progress(len(vectors) / len(texts))
         return vectors
 
-    async def add(self, collection: str | None, filename: str, data: bytes) -> Document:
-        """Read, chunk, embed and keep one upload; raises a DocumentError saying why one cannot be kept."""
+    async def add(self, collection: str | None, filename: str, data: bytes,
+                  progress: Progress | None = None) -> Document:
+        """Read, chunk, embed and keep one upload; raises a DocumentError saying why one cannot be kept. `progress`
+        hears the share of its chunks embedded (0 to 1) after each batch: embedding is nearly all the time it takes."""
         collection = check_collection(collection)
         filename = clean_filename(filename)
         if len(data) > self.limits.max_upload_bytes:
@@ -203,7 +208,7 @@ class DocumentStore:
                 raise InvalidDocument(f"{filename!r} holds no text to search")
             # before embedding (about a second a page): a document the card has no room for is refused at once
             await self._run(check_db_room, filename, chunks, self._dims or DIMS_GUESS, self.limits.max_db_bytes)
-            vectors = await self._vectors([c.text for c in chunks])
+            vectors = await self._vectors([c.text for c in chunks], progress)
             self._dims = len(vectors[0]) if vectors else self._dims
             document = await self._run(
                 write_document, self._cache, collection=collection, filename=filename, kind=extracted.kind,

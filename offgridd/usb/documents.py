@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import stat
@@ -38,8 +39,9 @@ JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"}  # what file mana
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READABLE = ", ".join(sorted(SUFFIXES))
 
-# the document store's `add`: (collection, file name, bytes) -> the document kept; raises DocumentError saying why not
-AddDocument = Callable[[str | None, str, bytes], Awaitable[Document]]
+# the document store's `add`: (collection, file name, bytes, progress=) -> the document kept; raises DocumentError
+# saying why not. `progress` hears the share of the document embedded, 0 to 1, which the job shows as bytes
+AddDocument = Callable[..., Awaitable[Document]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,8 +258,8 @@ async def import_documents(root: Path, documents: list[StickDocument], *, add: A
                 raise StickFileError("not imported: the daemon is stopping; plug the stick in again to import it")
             data = await loop.run_in_executor(None, read_document, root, doc.file, max_bytes)
             result.size = job.bytes_total = len(data)
-            jobs.progress(job, len(data))
-            document = await _add(add, doc, data, busy_until, cancel)
+            embedded = functools.partial(_embedded, jobs, job, len(data))
+            document = await _add(add, doc, data, busy_until, cancel, progress=embedded)
         except StickFileError as e:
             result.reason = str(e)
         except DocumentExists as e:
@@ -283,18 +285,23 @@ async def import_documents(root: Path, documents: list[StickDocument], *, add: A
 
 
 async def _add(add: AddDocument, doc: StickDocument, data: bytes, busy_until: float,
-               cancel: threading.Event | None) -> Document:
+               cancel: threading.Event | None, progress: Callable[[float], None]) -> Document:
     """The store's add, tried again while the box is starting or its queue is full (a stick present at start-up is
     read before the model that embeds is loaded), up to BUSY_FOR_S for the whole stick."""
     while True:
         try:
-            return await add(doc.collection, doc.filename, data)
+            return await add(doc.collection, doc.filename, data, progress=progress)
         except Overloaded as e:
             wait = min(max(e.retry_after or 1.0, 0.5), 2.0)  # a refusal costs nothing: look again soon
             if (cancel is not None and cancel.is_set()) or time.monotonic() + wait > busy_until:
                 raise
             log.info("usb: the box is busy (%s); %s waits %.0f s", e, doc.file, wait)
             await asyncio.sleep(wait)
+
+
+def _embedded(jobs: JobBoard, job, size: int, share: float) -> None:
+    """A document's job advances through its bytes as its chunks are embedded, so it shows how long is left."""
+    jobs.progress(job, int(share * size))
 
 
 def _finish(jobs: JobBoard, job, result: DocumentResult, source: str) -> None:

@@ -605,10 +605,22 @@ function queueUploads() {
 }
 
 async function upload(file, collection, item, state) {
-  const started = Date.now();
-  const tick = () => { state.textContent = `uploading… ${fmtDuration((Date.now() - started) / 1000)}`; };
-  const timer = setInterval(tick, 1000);
-  const bar = el("progress", { "aria-label": `${file.name}: being read` }); // no value: it runs until the box answers
+  const started = Date.now(), known = new Set(jobs.keys()); // its job is one that appears after this
+  const bar = el("progress", { "aria-label": `${file.name}: being read` }); // no value until the box says how far
+  const tick = () => {
+    // the box's job for this upload advances as its pages are embedded, which is nearly all the time it takes
+    const job = [...jobs.values()].reverse().find((j) => j.kind === "document-upload" && j.model === file.name
+      && j.state === "running" && !known.has(j.id));
+    if (job && job.bytes_total && job.bytes_done) {
+      bar.max = job.bytes_total;
+      bar.value = job.bytes_done;
+      const share = Math.round((100 * job.bytes_done) / job.bytes_total);
+      state.textContent = `embedding… ${share}%` + (job.eta_s ? ` · ${fmtDuration(job.eta_s)} left` : "");
+    } else {
+      state.textContent = `uploading… ${fmtDuration((Date.now() - started) / 1000)}`;
+    }
+  };
+  const timer = setInterval(tick, 500);
   item.className = "card upload busy";
   item.append(bar);
   tick();
