@@ -42,6 +42,7 @@ class PeerSettings:
     port: int = 11612
     static: list[str] = dataclasses.field(default_factory=list)  # "host:port" for networks without multicast
     sync: str = "pull"  # "off" | "pull"
+    sync_documents: bool = False  # also pull every peer's collections as they change (else only when asked)
     interval: float = 5.0
     bandwidth_limit: int = 0  # bytes per second for model pulls, 0 for no cap
     interface: str = ""  # IPv4 address of the interface to announce on; empty: the one the routing table picks

@@ -286,6 +286,27 @@ def test_a_collection_is_pulled_from_a_peer_verified_and_found_by_search_there(m
         stop_all(a, b)
 
 
+def test_a_box_that_syncs_documents_takes_a_peers_new_document_by_itself(model_state, tmp_path):
+    key = secrets.token_bytes(32)
+    pa, pb = udp_port(), udp_port()
+    a = start_peer(fleet_state(model_state, tmp_path, "box-a", key), pa, [pb])
+    b = start_peer(fleet_state(model_state, tmp_path, "box-b", key), pb, [pa], OFFGRID_PEERS_SYNC_DOCUMENTS="true")
+    try:
+        water = upload(a, "kit", "water.md", b"# Water\nBoil drinking water for one minute to kill germs.")
+        wait_for(lambda: json.loads(http("GET", f"{b.url}/api/v1/documents?collection=kit")[2])["documents"],
+                 what="B to take A's document")
+        [kept] = json.loads(http("GET", f"{b.url}/api/v1/documents?collection=kit")[2])["documents"]
+        assert (kept["filename"], kept["sha256"]) == ("water.md", water["sha256"])
+        [job] = [j for j in jobs(b) if j["kind"] == "peer-document"]
+        assert job["state"] == "done" and "signed by box-a" in job["reason"]
+        # A, which does not sync documents, takes nothing of B's (B's copy changed B's inventory)
+        upload(b, "notes", "radio.txt", b"Call on channel 16 for help.")
+        time.sleep(3)
+        assert json.loads(http("GET", f"{a.url}/api/v1/documents?collection=notes")[2])["documents"] == []
+    finally:
+        stop_all(a, b)
+
+
 def test_a_pull_killed_halfway_resumes_from_where_it_stopped_after_either_side_restarts(model_state, tmp_path):
     key = secrets.token_bytes(32)
     pa, pb = udp_port(), udp_port()

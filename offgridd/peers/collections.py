@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 import aiohttp
 
-from ..documents import DocumentError, DocumentExists
+from ..documents import DocumentError, DocumentExists, DocumentStore
 from ..documents.share import MAX_SHARED_BYTES
+from ..jobs import JobBoard
 from .exchange import ExchangeRefused
 from .peer import Peer
-from .service import PeerService
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,17 @@ def _listing(body: bytes) -> list[dict]:
             and isinstance(d.get("size"), int)]
 
 
-async def pull_collection(service: PeerService, peer: Peer, collection: str, into: str | None = None) -> CollectionPull:
+# a signed GET to a member whose whole answer is proved its own: PeerService.fetch(peer, path, limit, seconds=)
+Fetch = Callable[..., Awaitable[tuple[int, bytes]]]
+
+
+async def pull_collection(fetch: Fetch, jobs: JobBoard, documents: DocumentStore, peer: Peer, collection: str,
+                          into: str | None = None) -> CollectionPull:
     """Every document of `collection` on `peer` this box lacks, into its collection `into` (the same name unless
     given): documents already here (same sha256) are skipped without being fetched."""
-    documents = service.documents
     into = into or collection
     try:
-        status, body = await service.fetch(peer, COLLECTION_PATH + quote(collection, safe=""), MAX_LIST_BYTES)
+        status, body = await fetch(peer, COLLECTION_PATH + quote(collection, safe=""), MAX_LIST_BYTES)
         if status != 200:
             raise PullError(f"peer {peer.name} answered HTTP {status} for its collection {collection!r}: "
                             f"{body[:300].decode(errors='replace')}")
@@ -79,7 +84,7 @@ async def pull_collection(service: PeerService, peer: Peer, collection: str, int
     have = {d.sha256 for d in await documents.list(into)}
     report = CollectionPull(peer=peer.name, collection=collection, into=into)
     for entry in listed:
-        job = service.jobs.start(KIND, f"peer {peer.name} ({peer.address}) {collection}/{entry['filename']}",
+        job = jobs.start(KIND, f"peer {peer.name} ({peer.address}) {collection}/{entry['filename']}",
                                  entry["filename"], entry["size"])
         result = PulledDocument(filename=entry["filename"], state="failed", reason="", job=job.id)
         if entry["sha256"] in have:
@@ -89,7 +94,7 @@ async def pull_collection(service: PeerService, peer: Peer, collection: str, int
                              f"{documents.limits.max_upload_bytes:,} (documents.max_upload_bytes); it was not fetched")
         else:
             try:
-                status, data = await service.fetch(peer, DOCUMENT_PATH + str(entry["id"]), MAX_SHARED_BYTES,
+                status, data = await fetch(peer, DOCUMENT_PATH + str(entry["id"]), MAX_SHARED_BYTES,
                                                    seconds=DOCUMENT_SECONDS)
                 if status != 200:
                     raise ValueError(f"HTTP {status}: {data[:300].decode(errors='replace')}")
@@ -105,7 +110,7 @@ async def pull_collection(service: PeerService, peer: Peer, collection: str, int
                 result.reason = f"fetching it from {peer.name} failed: {e or type(e).__name__}; nothing was kept"
             except Exception as e:  # the embedding model busy or failing: this document fails, the rest go on
                 result.reason = f"{type(e).__name__}: {e}; nothing was kept"
-        service.jobs.finish(job, result.state, result.reason)
+        jobs.finish(job, result.state, result.reason)
         log.log(logging.WARNING if result.state == "failed" else logging.INFO, "pull of %s/%s from %s: %s (%s)",
                 collection, entry["filename"], peer.name, result.state, result.reason)
         report.documents.append(result)

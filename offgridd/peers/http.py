@@ -145,7 +145,7 @@ async def pull(request: web.Request) -> web.Response:
         raise ApiError(404, f"no live peer named {str(body.get('peer'))[:80]!r}; GET /api/v1/peers lists them",
                        param="peer", code="peer_not_found")
     try:
-        report = await pull_collection(service, peer, name, into)
+        report = await pull_collection(service.fetch, service.jobs, service.documents, peer, name, into)
     except PullError as e:
         raise ApiError(502, str(e), code="peer_refused") from None
     return web.json_response(report.to_dict())

@@ -22,6 +22,7 @@ from ..jobs import JobBoard
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import ModelManifest, ModelStore
+from .collections import PullError, pull_collection
 from .exchange import (
     ANSWER_HEADER,
     CHALLENGE_HEADER,
@@ -105,6 +106,7 @@ class PeerService:
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
+        self._documents_lock = asyncio.Lock()  # collections are synced one pull at a time
         self._mark = None
         self._announced_load = (0, 0)
 
@@ -437,10 +439,25 @@ class PeerService:
             peer.models = {m["name"]: m for m in data["models"] if good_entry(m)}
             peer.collections = {c["name"]: c["documents"] for c in data.get("collections", []) if good_collection(c)}
             peer.fetched = data["inventory"]
+            if self.settings.sync_documents and self.documents is not None and peer.collections:
+                self._spawn(self._sync_documents(peer), f"documents-{peer.node}")
         except (ExchangeRefused, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.warning("could not fetch the inventory of peer %s: %s", peer.name, e or type(e).__name__)
             return
         self.puller.wake()
+
+    async def _sync_documents(self, peer: Peer) -> None:
+        """peers.sync_documents: the peer's collections, each pulled as on request (documents here are skipped
+        without being fetched), one pull at a time on this node."""
+        async with self._documents_lock:
+            for name in sorted(peer.collections):
+                try:
+                    report = await pull_collection(self.fetch, self.jobs, self.documents, peer, name)
+                except PullError as e:
+                    log.warning("syncing documents from %s: %s", peer.name, e)
+                    continue
+                if added := [d.filename for d in report.documents if d.state == "done"]:
+                    log.info("synced %d document(s) of %s from %s: %s", len(added), name, peer.name, ", ".join(added))
 
     def peers_by_load(self) -> list[Peer]:
         """Live peers, least busy first."""
