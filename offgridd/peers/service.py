@@ -157,7 +157,8 @@ class PeerService:
         return {"node": ident.node_id if ident else None, "name": ident.name if ident else None,
                 "fleet": ident.key_fingerprint if ident else None, "peers": len(self.peers), "boot": self.boot,
                 "multicast": f"{self.settings.group}:{self.settings.port}" if self.multicast else None,
-                "static": self.settings.static, "sync": self.settings.sync, "pulling": self.puller.current}
+                "static": self.settings.static, "sync": self.settings.sync,
+                "sync_documents": self.settings.sync_documents, "pulling": self.puller.current}
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
