@@ -7,19 +7,13 @@ import math
 
 import numpy as np
 import pytest
-from test_constrained import SCHEMAS, WorkerLink, constrained, validate
+import test_constrained
+from test_constrained import SCHEMAS, constrained, validate
 
 from offgridd.inference.logprobs import LogprobTrail, strip_lead, token_logprobs
 from offgridd.inference.text import StopScanner
-from offgridd.store import ModelStore
 
-
-@pytest.fixture(scope="module")
-def worker(model_state, tmp_path_factory):
-    store = ModelStore(model_state / "models")
-    link = WorkerLink(str(store.path_of(store.get("gemma3-270m"))), tmp_path_factory.mktemp("worker") / "log")
-    yield link
-    link.close()
+worker = test_constrained.worker  # the fixture: a real inference worker of the built-in model, one for this module
 
 
 def entries_of(run: dict) -> list[dict]:

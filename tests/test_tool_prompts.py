@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from test_constrained import WorkerLink
+import test_constrained
 
 from offgridd.inference.grammar import TOOL_MARKER
 from offgridd.inference.prompts import render_template, render_transcript
-from offgridd.store import ModelStore
+
+worker = test_constrained.worker  # the fixture: a real inference worker of the built-in model, one for this module
 
 # Gemma 3's chat template as published with google/gemma-3-*-it (tokenizer_config.json); it has no tool role and
 # refuses turns that do not alternate user/assistant
@@ -102,14 +102,6 @@ def test_messages_without_tools_render_as_before():
     assert render_template(GEMMA3_TEMPLATE, "<bos>", "<eos>", messages).text == \
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert render_transcript(messages).text.endswith("\nUser: Hi\nAssistant:")
-
-
-@pytest.fixture(scope="module")
-def worker(model_state, tmp_path_factory):
-    store = ModelStore(model_state / "models")
-    link = WorkerLink(str(store.path_of(store.get("gemma3-270m"))), tmp_path_factory.mktemp("worker") / "log")
-    yield link
-    link.close()
 
 
 def test_the_worker_answers_a_conversation_holding_tool_results(worker):
