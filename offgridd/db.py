@@ -94,10 +94,6 @@ def _log_failure(future, what: str) -> None:
 CARD_RESERVE_BYTES = 64 << 20  # left free on the card by writes to the database: the journal and logs need room too
 
 
-class DatabaseFull(Exception):
-    """Writing this would take offgridd.db past its bound (history.max_db_bytes)."""
-
-
 def used_bytes(db: sqlite_utils.Database) -> int:
     """The bytes the database's pages hold, not counting free pages a vacuum would give back."""
     pages, free, size = (db.execute(f"PRAGMA {name}").fetchone()[0]
@@ -106,10 +102,10 @@ def used_bytes(db: sqlite_utils.Database) -> int:
 
 
 def check_room(db: sqlite_utils.Database, max_bytes: int, adding: int, remedy: str,
-               error: type[Exception] = DatabaseFull) -> None:
-    """Raise `error` when about `adding` more bytes (the caller counts its indexes) would take the database past
-    `max_bytes` (0: no bound), or leave less than CARD_RESERVE_BYTES free on its filesystem. `remedy` says how to
-    make room."""
+               error: type[Exception]) -> None:
+    """Raise `error` (the caller's own "full" error) when about `adding` more bytes (the caller counts its
+    indexes) would take the database past `max_bytes` (0: no bound), or leave less than CARD_RESERVE_BYTES free on
+    its filesystem. `remedy` says how to make room."""
     path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "")
     if path:
         free = shutil.disk_usage(os.path.dirname(path)).free

@@ -85,7 +85,7 @@ async def pull_collection(fetch: Fetch, jobs: JobBoard, documents: DocumentStore
     report = CollectionPull(peer=peer.name, collection=collection, into=into)
     for entry in listed:
         job = jobs.start(KIND, f"peer {peer.name} ({peer.address}) {collection}/{entry['filename']}",
-                                 entry["filename"], entry["size"])
+                         entry["filename"], entry["size"])
         result = PulledDocument(filename=entry["filename"], state="failed", reason="", job=job.id)
         if entry["sha256"] in have:
             result.state, result.reason = "skipped", f"already in collection {into!r} (same sha256)"
@@ -95,7 +95,7 @@ async def pull_collection(fetch: Fetch, jobs: JobBoard, documents: DocumentStore
         else:
             try:
                 status, data = await fetch(peer, DOCUMENT_PATH + str(entry["id"]), MAX_SHARED_BYTES,
-                                                   seconds=DOCUMENT_SECONDS)
+                                           seconds=DOCUMENT_SECONDS)
                 if status != 200:
                     raise ValueError(f"HTTP {status}: {data[:300].decode(errors='replace')}")
                 document = await documents.add_shared(into, data, source=f"peer {peer.name}")
